@@ -1,0 +1,269 @@
+"""Checkpoints with megatron-core ``dist_checkpointing``.
+
+Layout of ``<checkpoint dir>``::
+
+    latest                 text file naming the newest complete checkpoint
+    step_00000020/         a complete checkpoint
+        (dist_checkpointing files: model + optimizer, layout independent)
+        hcx.json           step, consumed samples, scheduler, recipe (written last)
+        rng/rank_00003.pt  python/numpy/torch(/cuda)/megatron-tracker RNG per rank
+    step_00000030.incomplete/   a save that was interrupted (ignored, removed)
+
+A save writes into ``step_N.incomplete``, verifies it, renames it to ``step_N`` and
+only then replaces ``latest`` (write to a temp file, fsync, ``os.replace``). A crash at
+any point leaves ``latest`` naming the previous complete checkpoint. Resume trusts
+``latest`` only after verifying what it names and otherwise falls back to the newest
+complete checkpoint, saying why.
+
+Because dist_checkpointing stores global tensors (each rank writes its shards), a
+checkpoint saved at one TP/PP/DP layout loads at another.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+STEP_PREFIX = "step_"
+INCOMPLETE = ".incomplete"
+META = "hcx.json"
+LATEST = "latest"
+# The optimizer format that reshards across TP, PP and DP (megatron's
+# 'fully_reshardable'); it gathers optimizer state per DP group on save.
+OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def step_dir_name(step: int) -> str:
+    return f"{STEP_PREFIX}{step:08d}"
+
+
+@dataclass
+class Found:
+    path: Path
+    step: int
+    meta: dict[str, Any]
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+# --- RNG ---------------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    from megatron.core import tensor_parallel
+
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# --- finding checkpoints -----------------------------------------------------------
+
+
+def verify(path: Path) -> str | None:
+    """None when ``path`` is a complete checkpoint, else the reason it is not."""
+    if not path.is_dir():
+        return "directory missing"
+    if not (path / META).is_file():
+        return f"no {META} (the save did not finish)"
+    if not (path / "metadata.json").is_file():
+        return "no dist_checkpointing metadata.json"
+    try:
+        meta = json.loads((path / META).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        return f"unreadable {META}: {e}"
+    files = meta.get("files", {})
+    for name, size in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"missing file {name}"
+        if f.stat().st_size != size:
+            return f"file {name} has {f.stat().st_size} bytes, expected {size}"
+    return None
+
+
+def find_resumable(ckpt_dir: Path, log=print) -> Found | None:
+    """The checkpoint to resume from, explaining anything skipped."""
+    if not ckpt_dir.is_dir():
+        return None
+    for p in sorted(ckpt_dir.glob(f"{STEP_PREFIX}*{INCOMPLETE}")):
+        log(f"checkpoint: skipping half-written checkpoint {p} (a save was interrupted)")
+    candidates = sorted(
+        (p for p in ckpt_dir.glob(f"{STEP_PREFIX}*") if p.is_dir() and not p.name.endswith(INCOMPLETE)),
+        reverse=True,
+    )
+    latest_file = ckpt_dir / LATEST
+    if latest_file.is_file():
+        named = ckpt_dir / latest_file.read_text().strip()
+        reason = verify(named)
+        if reason is None:
+            return Found(named, _step_of(named), json.loads((named / META).read_text()))
+        log(f"checkpoint: '{LATEST}' names {named}, which is not usable ({reason}); "
+            "falling back to the newest complete checkpoint")
+    for p in candidates:
+        reason = verify(p)
+        if reason is None:
+            return Found(p, _step_of(p), json.loads((p / META).read_text()))
+        log(f"checkpoint: skipping {p}: {reason}")
+    return None
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name[len(STEP_PREFIX):].split(".")[0])
+
+
+# --- save / load -------------------------------------------------------------------
+
+
+def _sharded_state(model_chunks, optimizer, is_loading: bool, with_optimizer: bool):
+    model_sd = {}
+    for i, chunk in enumerate(model_chunks):
+        # Keys are global (layer numbers include the pipeline offset), so one chunk's
+        # dict is the whole model's when pp == 1 and a stage's slice otherwise.
+        model_sd.update(chunk.sharded_state_dict())
+    state = {"model": model_sd}
+    if with_optimizer:
+        state["optimizer"] = optimizer.sharded_state_dict(
+            model_sd, is_loading=is_loading, metadata=OPTIM_METADATA
+        )
+    return state
+
+
+def save(ckpt_dir: Path, step: int, model_chunks, optimizer, scheduler,
+         extra: dict[str, Any], keep_last: int, log=print) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint path."""
+    from megatron.core import dist_checkpointing
+
+    final = ckpt_dir / step_dir_name(step)
+    tmp = ckpt_dir / (step_dir_name(step) + INCOMPLETE)
+    if _rank() == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    _barrier()
+    state = _sharded_state(model_chunks, optimizer, is_loading=False, with_optimizer=True)
+    dist_checkpointing.save(state, str(tmp))
+    (tmp / "rng").mkdir(exist_ok=True)
+    torch.save(rng_state(), tmp / "rng" / f"rank_{_rank():05d}.pt")
+    _barrier()
+    if _rank() == 0:
+        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        n_rng = len(list((tmp / "rng").glob("rank_*.pt")))
+        if n_rng != _world():
+            raise CheckpointError(f"{tmp}: {n_rng} RNG files for {_world()} ranks")
+        meta = {"step": step, "world_size": _world(), "files": files,
+                "scheduler": scheduler.state_dict(), **extra}
+        _write_atomic(tmp / META, json.dumps(meta, indent=1))
+        reason = verify(tmp)
+        if reason:
+            raise CheckpointError(f"checkpoint {tmp} failed verification: {reason}")
+        if final.exists():  # re-saving a step (e.g. after an earlier crash): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(ckpt_dir)
+        _write_atomic(ckpt_dir / LATEST, final.name + "\n")
+        _prune(ckpt_dir, keep_last, log)
+    _barrier()
+    return final
+
+
+def _prune(ckpt_dir: Path, keep_last: int, log) -> None:
+    complete = sorted(p for p in ckpt_dir.glob(f"{STEP_PREFIX}*")
+                      if p.is_dir() and not p.name.endswith(INCOMPLETE))
+    for p in complete[:-keep_last]:
+        shutil.rmtree(p, ignore_errors=True)
+    for p in ckpt_dir.glob(f"{STEP_PREFIX}*{INCOMPLETE}"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def load(path: Path, model_chunks, optimizer=None, scheduler=None, restore_rng: bool = True,
+         log=print) -> dict[str, Any]:
+    """Load a checkpoint into the (possibly differently parallelized) model.
+    With ``optimizer=None`` only the weights are loaded. Returns the hcx metadata."""
+    from megatron.core import dist_checkpointing
+
+    reason = verify(path)
+    if reason:
+        raise CheckpointError(f"cannot load {path}: {reason}")
+    meta = json.loads((path / META).read_text())
+    state = _sharded_state(model_chunks, optimizer, is_loading=True,
+                           with_optimizer=optimizer is not None)
+    try:
+        loaded = dist_checkpointing.load(state, str(path))
+    except Exception as e:  # shape/key mismatches surface here; name the checkpoint
+        raise CheckpointError(f"cannot load {path} into this model: {e}") from e
+    for chunk in model_chunks:
+        # Each chunk takes the keys that belong to it (strict=False: other chunks' keys).
+        chunk.load_state_dict(loaded["model"], strict=False)
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(meta["scheduler"])
+    if restore_rng:
+        rng_file = path / "rng" / f"rank_{_rank():05d}.pt"
+        if meta.get("world_size") == _world() and rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        else:
+            log(f"checkpoint: saved with {meta.get('world_size')} ranks, running with {_world()}: "
+                "RNG streams are re-seeded, not restored")
+    return meta

@@ -1,0 +1,108 @@
+"""The ``hcx`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+
+from hcx import paths
+from hcx.config import RecipeError, load_recipe
+
+OVERRIDES_HELP = ("recipe overrides as dotted KEY=VALUE, e.g. train.lr=3e-4 parallel.tp=2 "
+                  "(values are parsed as YAML)")
+
+
+def _under_torchrun() -> bool:
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
+    """Start ``nproc`` local processes running this same command (single node).
+    For clusters use ``hcx launch`` or your own torchrun/srun line."""
+    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [torchrun, "--standalone", f"--nproc-per-node={nproc}", "-m", "hcx.cli", *argv]
+    print(f"hcx: launching {nproc} processes: {' '.join(cmd)}", file=sys.stderr, flush=True)
+    return subprocess.call(cmd)
+
+
+def cmd_pretrain(args: argparse.Namespace, argv: list[str]) -> int:
+    recipe = load_recipe(args.recipe, args.overrides)  # fails before any process starts
+    if args.check:
+        print(f"{args.recipe}: ok ({recipe.parallel.world_size} processes, "
+              f"{recipe.num_microbatches} micro-batches per step)")
+        return 0
+    if recipe.parallel.world_size > 1 and not _under_torchrun():
+        return _relaunch_with_torchrun(recipe.parallel.world_size, argv)
+    from hcx import pretrain
+
+    pretrain.run(recipe)
+    return 0
+
+
+def cmd_recipe(args: argparse.Namespace, argv: list[str]) -> int:
+    import yaml
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    print(yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hcx",
+        description="hcx: Korean-English bilingual LLMs on megatron-core "
+                    "(pretraining, post-training, evaluation).",
+    )
+    parser.add_argument("--data-dir", help="data root for data:// paths "
+                        "(default: $HCX_DATA_DIR, then ../shared/data)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "pretrain", help="pretrain a decoder with megatron-core (TP/PP/DP)",
+        description="Pretrain on megatron indexed datasets. Processes: parallel.tp * parallel.pp "
+                    "* parallel.dp; when more than one is needed and hcx is not already under "
+                    "torchrun, it starts them itself on this machine. Resumes from the newest "
+                    "complete checkpoint in checkpoint.dir unless checkpoint.resume=false.")
+    p.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny.yaml")
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    p.add_argument("--check", action="store_true", help="validate the recipe and exit")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("recipe", help="print a recipe after inheritance and overrides",
+                       description="Validate a recipe and print it fully resolved.")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    p.set_defaults(func=cmd_recipe)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    paths.set_data_root(args.data_dir)
+    if args.data_dir:
+        os.environ["HCX_DATA_DIR"] = args.data_dir  # reaches torchrun children too
+    from hcx.checkpoint import CheckpointError
+    from hcx.data import DataError
+    from hcx.train import NonFiniteLoss
+
+    try:
+        return args.func(args, argv)
+    except RecipeError as e:
+        print(f"hcx: {e}", file=sys.stderr)
+        return 2
+    except (DataError, CheckpointError, NonFiniteLoss, FileNotFoundError) as e:
+        rank = os.environ.get("RANK")
+        prefix = f"hcx [rank {rank}]" if rank not in (None, "0") else "hcx"
+        print(f"{prefix}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("hcx: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

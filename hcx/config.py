@@ -1,0 +1,390 @@
+"""Recipes: typed schema, ``base:`` inheritance and ``key=value`` overrides.
+
+A recipe is YAML validated by the pydantic models below. ``load_recipe`` merges
+the ``base:`` chain, applies command-line overrides, and validates everything,
+including cross-field rules such as "heads divisible by tp", *before* any
+process is started. Every error names the key and where it was set
+(``file:line`` or the override on the command line).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run. The message names the key and its origin."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """Llama-style decoder (the HyperCLOVA X architecture family)."""
+
+    num_layers: int = Field(gt=0)
+    hidden_size: int = Field(gt=0)
+    ffn_hidden_size: int = Field(gt=0, description="SwiGLU inner size")
+    num_attention_heads: int = Field(gt=0)
+    num_query_groups: int | None = Field(default=None, gt=0, description="GQA groups; None = MHA")
+    vocab_size: int | None = Field(default=None, gt=0, description="None = from the tokenizer")
+    max_position_embeddings: int = Field(default=4096, gt=0)
+    rope_base: float = Field(default=10000.0, gt=0)
+    norm_epsilon: float = Field(default=1e-5, gt=0)
+    tie_embeddings: bool = False
+    init_std: float = Field(default=0.02, gt=0)
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+
+class ParallelConfig(_Strict):
+    tp: int = Field(default=1, gt=0, description="tensor-parallel size")
+    pp: int = Field(default=1, gt=0, description="pipeline-parallel size")
+    dp: int = Field(default=1, gt=0, description="data-parallel size")
+    sequence_parallel: bool = False
+    distributed_optimizer: bool | None = Field(
+        default=None, description="None = on when dp > 1 (ZeRO-1 style optimizer sharding)"
+    )
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+
+class TokenizerConfig(_Strict):
+    """Where token ids come from. ``bytes`` is UTF-8 bytes plus specials (no file needed);
+    ``path`` is a SentencePiece ``.model`` or a Hugging Face tokenizer directory."""
+
+    kind: Literal["bytes", "sentencepiece", "hf"] = "bytes"
+    path: str | None = None
+
+    @model_validator(mode="after")
+    def _path_needed(self):
+        if self.kind != "bytes" and not self.path:
+            raise ValueError(f"tokenizer kind {self.kind!r} needs 'path'")
+        return self
+
+
+class DataSource(_Strict):
+    """One pretraining source: a prepared megatron indexed dataset (``prefix``, the
+    ``.bin/.idx`` pair without extension) or a JSONL/text file tokenized into the cache
+    on first use (``path``). ``data://`` paths resolve against the data root."""
+
+    name: str
+    prefix: str | None = None
+    path: str | None = None
+    text_field: str = "text"
+    weight: float = Field(default=1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _one_location(self):
+        if (self.prefix is None) == (self.path is None):
+            raise ValueError("give exactly one of 'prefix' (prepared .bin/.idx) or 'path' (raw file)")
+        return self
+
+
+class DataConfig(_Strict):
+    sources: list[DataSource] = Field(min_length=1)
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    seq_length: int = Field(gt=0)
+    split: str = "98,2,0"
+    cache_dir: str | None = Field(default=None, description="None = <output_dir>/data_cache")
+    eval_every: int = Field(default=0, ge=0, description="validation loss every N steps; 0 = off")
+    eval_batches: int = Field(default=2, gt=0)
+
+
+class TrainConfig(_Strict):
+    steps: int = Field(gt=0)
+    global_batch_size: int = Field(gt=0)
+    micro_batch_size: int = Field(default=1, gt=0)
+    lr: float = Field(gt=0)
+    min_lr: float = Field(default=0.0, ge=0)
+    warmup_steps: int = Field(default=0, ge=0)
+    decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    decay_steps: int | None = Field(default=None, description="None = train.steps")
+    weight_decay: float = Field(default=0.1, ge=0)
+    adam_beta1: float = Field(default=0.9, ge=0, lt=1)
+    adam_beta2: float = Field(default=0.95, ge=0, lt=1)
+    adam_eps: float = Field(default=1e-8, gt=0)
+    grad_clip: float = Field(default=1.0, ge=0, description="0 = off")
+    seed: int = 1234
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto", description="auto = bf16 on GPU, fp32 on CPU"
+    )
+    recompute: bool = Field(default=False, description="full activation recomputation")
+
+
+class CheckpointConfig(_Strict):
+    dir: str | None = Field(default=None, description="None = <output_dir>/checkpoints")
+    save_every: int = Field(default=0, ge=0, description="0 = only at the end")
+    keep_last: int = Field(default=2, gt=0)
+    resume: bool = Field(default=True, description="continue from the latest complete checkpoint")
+    init_from: str | None = Field(
+        default=None, description="load model weights only (fresh optimizer, step 0)"
+    )
+
+
+class LoggingConfig(_Strict):
+    peak_tflops: float | None = Field(
+        default=None, gt=0, description="per-device peak for MFU; None = known GPU table or off"
+    )
+    tensorboard: bool = True
+    progress: bool = Field(default=True, description="progress bar on the console")
+    log_every: int = Field(default=10, gt=0, description="console line every N steps")
+
+
+class Recipe(_Strict):
+    name: str
+    output_dir: str = Field(description="run directory: metrics, TensorBoard, checkpoints")
+    model: ModelConfig
+    parallel: ParallelConfig = ParallelConfig()
+    data: DataConfig
+    train: TrainConfig
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.train.global_batch_size // (self.train.micro_batch_size * self.parallel.dp)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir or Path(self.output_dir) / "checkpoints")
+
+    @property
+    def data_cache_dir(self) -> Path:
+        return Path(self.data.cache_dir or Path(self.output_dir) / "data_cache")
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# --- cross-field rules ------------------------------------------------------------
+# Each failed rule yields (key to blame, message); the key's origin is shown with it.
+
+
+def _combination_errors(r: Recipe) -> list[tuple[str, str]]:
+    m, p, t = r.model, r.parallel, r.train
+    errors: list[tuple[str, str]] = []
+
+    def check(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            errors.append((key, msg))
+
+    check(m.num_attention_heads % p.tp == 0, "parallel.tp",
+          f"model.num_attention_heads={m.num_attention_heads} is not divisible by parallel.tp={p.tp}")
+    check(m.num_attention_heads % m.query_groups == 0, "model.num_query_groups",
+          f"model.num_query_groups={m.query_groups} does not divide "
+          f"model.num_attention_heads={m.num_attention_heads}")
+    check(m.query_groups % p.tp == 0, "parallel.tp",
+          f"model.num_query_groups={m.query_groups} is not divisible by parallel.tp={p.tp}")
+    check(m.hidden_size % m.num_attention_heads == 0, "model.hidden_size",
+          f"model.hidden_size={m.hidden_size} is not divisible by "
+          f"model.num_attention_heads={m.num_attention_heads}")
+    check(m.ffn_hidden_size % p.tp == 0, "parallel.tp",
+          f"model.ffn_hidden_size={m.ffn_hidden_size} is not divisible by parallel.tp={p.tp}")
+    check(m.num_layers % p.pp == 0, "parallel.pp",
+          f"model.num_layers={m.num_layers} is not divisible by parallel.pp={p.pp}")
+    check(not (p.sequence_parallel and p.tp == 1), "parallel.sequence_parallel",
+          "parallel.sequence_parallel needs parallel.tp > 1")
+    check(not (p.sequence_parallel and r.data.seq_length % p.tp), "data.seq_length",
+          f"data.seq_length={r.data.seq_length} must be divisible by parallel.tp={p.tp} "
+          "with sequence parallelism")
+    check(r.data.seq_length <= m.max_position_embeddings, "data.seq_length",
+          f"data.seq_length={r.data.seq_length} exceeds "
+          f"model.max_position_embeddings={m.max_position_embeddings}")
+    check(t.global_batch_size % (t.micro_batch_size * p.dp) == 0, "train.global_batch_size",
+          f"train.global_batch_size={t.global_batch_size} is not divisible by "
+          f"train.micro_batch_size * parallel.dp = {t.micro_batch_size * p.dp}")
+    check(t.min_lr <= t.lr, "train.min_lr", f"train.min_lr={t.min_lr} exceeds train.lr={t.lr}")
+    decay = t.decay_steps or t.steps
+    check(t.warmup_steps <= decay, "train.warmup_steps",
+          f"train.warmup_steps={t.warmup_steps} exceeds the decay length {decay}")
+    names = [s.name for s in r.data.sources]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    check(not dup, "data.sources", f"duplicate source names: {dup}")
+    return errors
+
+
+# --- loading ----------------------------------------------------------------------
+
+
+@dataclass
+class _Origin:
+    """Where a key's value came from, for error messages."""
+
+    where: str  # "recipes/tiny.yaml:12" or "override 'train.lr=abc'"
+
+    def __str__(self) -> str:
+        return self.where
+
+
+def _line_map(node: yaml.Node, path: str, prefix: str = "", out: dict | None = None) -> dict:
+    """dotted key -> 'file:line' for every key in a YAML mapping."""
+    out = {} if out is None else out
+    if isinstance(node, yaml.MappingNode):
+        for knode, vnode in node.value:
+            key = f"{prefix}{knode.value}"
+            out[key] = f"{path}:{knode.start_mark.line + 1}"
+            _line_map(vnode, path, key + ".", out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            key = f"{prefix[:-1]}.{i}" if prefix else str(i)
+            out[key] = f"{path}:{item.start_mark.line + 1}"
+            _line_map(item, path, key + ".", out)
+    return out
+
+
+def _read_yaml(path: Path) -> tuple[dict, dict[str, str]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"recipe file not found: {path}") from None
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: invalid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping, got {type(data).__name__}")
+    return data, _line_map(node, str(path)) if node is not None else {}
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _load_chain(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict, dict[str, str]]:
+    path = path.resolve() if path.is_absolute() else path
+    key = path.resolve()
+    if key in seen:
+        chain = " -> ".join(str(p) for p in (*seen, key))
+        raise RecipeError(f"{path}: 'base:' inheritance cycle: {chain}")
+    data, lines = _read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data, lines
+    if not isinstance(base, str):
+        raise RecipeError(f"{lines.get('base', path)}: 'base' must be a path string")
+    base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
+    base_data, base_lines = _load_chain(base_path, (*seen, key))
+    return _deep_merge(base_data, data), {**base_lines, **lines}
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise RecipeError(f"override {text!r}: expected KEY=VALUE, e.g. train.lr=3e-4")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise RecipeError(f"override {text!r}: empty key segment")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _apply_override(data: dict, parts: list[str], value: Any, text: str) -> None:
+    cur: Any = data
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(cur, list) and part.isdigit() and int(part) < len(cur):
+            cur = cur[int(part)]
+            continue
+        if not isinstance(cur, dict):
+            raise RecipeError(f"override {text!r}: '{'.'.join(parts[:i])}' is not a section")
+        cur = cur.setdefault(part, {})
+    last = parts[-1]
+    if isinstance(cur, list) and last.isdigit() and int(last) < len(cur):
+        cur[int(last)] = value
+    elif isinstance(cur, dict):
+        cur[last] = value
+    else:
+        raise RecipeError(f"override {text!r}: '{'.'.join(parts[:-1])}' is not a section")
+
+
+def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names valid at ``loc`` (for 'did you mean' suggestions)."""
+    cur: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = getattr(cur, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        cands = [ann, *args]
+        cur = next((c for c in cands if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if cur is None:
+            return []
+    return list(getattr(cur, "model_fields", {}))
+
+
+def _origin_of(key: str, origins: dict[str, str], default: str) -> str:
+    parts = key.split(".")
+    while parts:
+        k = ".".join(parts)
+        if k in origins:
+            return origins[k]
+        parts.pop()
+    return default
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Load, merge, override and validate a recipe. Raises RecipeError."""
+    path = Path(path)
+    data, origins = _load_chain(path)
+    for text in overrides:
+        parts, value = parse_override(text)
+        _apply_override(data, parts, value, text)
+        origins[".".join(parts)] = f"override {text!r}"
+        for i in range(1, len(parts)):  # parents created by the override point at it too
+            origins.setdefault(".".join(parts[:i]), f"override {text!r}")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = tuple(p for p in err["loc"])
+            key = ".".join(str(p) for p in loc) or "<root>"
+            where = _origin_of(key, origins, str(path))
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                known = _known_keys(Recipe, loc)
+                close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+                msg = f"unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else "")
+                msg += f"; valid keys here: {', '.join(known)}"
+            elif err["type"] == "missing":
+                msg = f"missing required key '{key}'"
+            else:
+                got = err.get("input")
+                msg = f"{key}: {msg} (got {got!r})" if not isinstance(got, dict) else f"{key}: {msg}"
+            lines.append(f"{where}: {msg}")
+        raise RecipeError("invalid recipe:\n  " + "\n  ".join(lines)) from None
+    problems = _combination_errors(recipe)
+    if problems:
+        lines = []
+        for key, msg in problems:
+            lines.append(f"{_origin_of(key, origins, str(path))}: {key}: {msg}")
+        raise RecipeError("impossible recipe:\n  " + "\n  ".join(lines))
+    return recipe

@@ -1,0 +1,206 @@
+"""Pretraining data: megatron-core indexed datasets, blended per source.
+
+Each recipe source is a ``.bin/.idx`` pair (``prefix``), written by
+``hcx data prepare`` or by :func:`write_indexed_dataset`, or a raw JSONL/text file
+(``path``) that is tokenized once into the cache. megatron-core's
+``BlendedMegatronDatasetBuilder`` builds the GPT samples and the weighted blend.
+
+The order of samples is a pure function of the recipe, so the data position is
+just the number of samples consumed: resume after step k reads exactly what an
+uninterrupted run would have read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hcx.config import DataSource, Recipe
+from hcx.paths import resolve
+from hcx.tokenization import Tokenizer
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and line."""
+
+
+# --- writing indexed datasets --------------------------------------------------------
+
+
+def token_dtype(vocab_size: int) -> type[np.number]:
+    return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
+
+
+def write_indexed_dataset(documents: Iterable[list[int]], prefix: str | Path, vocab_size: int) -> int:
+    """Write token documents as ``prefix.bin/.idx`` (megatron-core format), atomically:
+    the files appear under their final names only once complete. Returns #documents."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = Path(prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    tmp = prefix.with_name(prefix.name + f".tmp{os.getpid()}")
+    builder = IndexedDatasetBuilder(str(tmp) + ".bin", dtype=token_dtype(vocab_size))
+    n = 0
+    for doc in documents:
+        if not doc:
+            continue
+        builder.add_document(torch.tensor(doc, dtype=torch.int64), [len(doc)])
+        n += 1
+    builder.finalize(str(tmp) + ".idx")
+    if n == 0:
+        for ext in (".bin", ".idx"):
+            Path(str(tmp) + ext).unlink(missing_ok=True)
+        raise DataError(f"{prefix}: no non-empty documents to write")
+    os.replace(str(tmp) + ".bin", str(prefix) + ".bin")
+    os.replace(str(tmp) + ".idx", str(prefix) + ".idx")
+    return n
+
+
+def read_texts(path: Path, text_field: str) -> Iterator[str]:
+    """Texts of a JSONL file (one object per line) or a plain text file (one document
+    per blank-line-separated block). Errors name the file and line."""
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    if path.suffix in (".jsonl", ".json"):
+        with path.open("rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    obj = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: invalid UTF-8 ({e.reason})") from None
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+                if not isinstance(obj, dict) or text_field not in obj:
+                    keys = list(obj) if isinstance(obj, dict) else type(obj).__name__
+                    raise DataError(f"{path}:{lineno}: no field {text_field!r} (has {keys})")
+                if not isinstance(obj[text_field], str):
+                    raise DataError(f"{path}:{lineno}: field {text_field!r} is not a string")
+                yield obj[text_field]
+    else:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: invalid UTF-8 at byte {e.start}") from None
+        for block in text.split("\n\n"):
+            if block.strip():
+                yield block
+
+
+def _cache_prefix(source: DataSource, tokenizer: Tokenizer, cache_dir: Path) -> Path:
+    path = resolve(source.path)
+    if not path.exists():
+        raise DataError(f"data source {source.name!r}: {path} does not exist")
+    st = path.stat()
+    key = json.dumps([str(path.resolve()), st.st_size, st.st_mtime_ns, source.text_field,
+                      tokenizer.fingerprint()])
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+    return cache_dir / "tokens" / f"{source.name}-{digest}"
+
+
+def materialize_sources(recipe: Recipe, tokenizer: Tokenizer, is_writer: bool) -> list[str]:
+    """Dataset prefixes of all sources, tokenizing raw files into the cache first.
+    Only the writer rank tokenizes; the caller makes the others wait (barrier)."""
+    prefixes = []
+    for source in recipe.data.sources:
+        if source.prefix is not None:
+            prefix = resolve(source.prefix)
+            for ext in (".bin", ".idx"):
+                if not Path(str(prefix) + ext).exists():
+                    raise DataError(
+                        f"data source {source.name!r}: {prefix}{ext} not found "
+                        "(build it with 'hcx data prepare')"
+                    )
+        else:
+            prefix = _cache_prefix(source, tokenizer, recipe.data_cache_dir)
+            if is_writer and not Path(str(prefix) + ".idx").exists():
+                texts = read_texts(resolve(source.path), source.text_field)
+                docs = (tokenizer.encode(t) + [tokenizer.eod] for t in texts)
+                write_indexed_dataset(docs, prefix, tokenizer.vocab_size)
+        prefixes.append(str(prefix))
+    return prefixes
+
+
+# --- building samples -------------------------------------------------------------------
+
+
+@dataclass
+class _TokenizerInfo:
+    """What megatron's GPTDataset reads from a tokenizer."""
+
+    vocab_size: int
+    eod: int
+    pad: int
+    fingerprint: str
+
+    @property
+    def unique_identifiers(self) -> dict:
+        # Part of megatron's index-cache key: a new tokenizer must not reuse old indices.
+        return {"class": "hcx", "fingerprint": self.fingerprint}
+
+
+@dataclass
+class Datasets:
+    train: torch.utils.data.Dataset
+    valid: torch.utils.data.Dataset | None
+
+
+def build_datasets(recipe: Recipe, prefixes: list[str], tokenizer: Tokenizer) -> Datasets:
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    t, d = recipe.train, recipe.data
+    weights = [s.weight for s in d.sources]
+    config = GPTDatasetConfig(
+        random_seed=t.seed,
+        sequence_length=d.seq_length,
+        blend=(prefixes, weights if len(prefixes) > 1 else None),
+        split=d.split,
+        path_to_cache=str(recipe.data_cache_dir / "indices"),
+        tokenizer=_TokenizerInfo(tokenizer.vocab_size, tokenizer.eod, tokenizer.pad,
+                                 tokenizer.fingerprint()),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,  # causal mask is built inside attention
+    )
+    n_train = t.steps * t.global_batch_size
+    n_valid = 0
+    if d.eval_every:
+        n_valid = d.eval_batches * t.global_batch_size
+    train, valid, _ = BlendedMegatronDatasetBuilder(
+        GPTDataset, [n_train, n_valid, 0], lambda: True, config
+    ).build()
+    if train is None:
+        raise DataError("the train split is empty; check data.split")
+    return Datasets(train=train, valid=valid if n_valid else None)
+
+
+def microbatches(dataset, step: int, global_batch: int, micro_batch: int, dp: int,
+                 dp_rank: int) -> list[dict[str, torch.Tensor]]:
+    """This DP rank's micro-batches for optimizer step ``step``.
+
+    As megatron's pretraining sampler: the global batch is the consecutive samples
+    ``[step*G, (step+1)*G)``, taken ``micro_batch*dp`` at a time, each DP rank
+    getting its slice; so any DP size sees the same global batch.
+    """
+    start = step * global_batch
+    out = []
+    for k in range(global_batch // (micro_batch * dp)):
+        first = start + k * micro_batch * dp + dp_rank * micro_batch
+        items = [dataset[i % len(dataset)] for i in range(first, first + micro_batch)]
+        out.append({
+            key: torch.stack([torch.as_tensor(np.asarray(item[key])) for item in items])
+            for key in ("tokens", "labels", "loss_mask", "position_ids")
+        })
+    return out

@@ -1,0 +1,72 @@
+"""megatron-core optimizer (AdamW, distributed where DP > 1) and LR/WD schedule."""
+
+from __future__ import annotations
+
+import torch
+
+from hcx.config import Recipe
+
+
+def use_distributed_optimizer(recipe: Recipe) -> bool:
+    p = recipe.parallel
+    return p.distributed_optimizer if p.distributed_optimizer is not None else p.dp > 1
+
+
+def wrap_ddp(recipe: Recipe, module: torch.nn.Module, config):
+    """megatron DDP: contiguous fp32 grad buffers that the megatron optimizer reads
+    (and reduce-scatters into its shards with the distributed optimizer)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=use_distributed_optimizer(recipe),
+        check_for_nan_in_grad=False,  # hcx checks the loss itself and names the step
+        bucket_size=None,
+    )
+    return DistributedDataParallel(config=config, ddp_config=ddp_config, module=module)
+
+
+def build_optimizer(recipe: Recipe, model_chunks: list, dtype: torch.dtype):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    t = recipe.train
+    config = OptimizerConfig(
+        optimizer="adam",  # decoupled weight decay = AdamW
+        lr=t.lr,
+        min_lr=t.min_lr,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        adam_eps=t.adam_eps,
+        clip_grad=t.grad_clip,
+        bf16=dtype == torch.bfloat16,
+        params_dtype=dtype,
+        use_distributed_optimizer=use_distributed_optimizer(recipe),
+    )
+    return get_megatron_optimizer(config, model_chunks)
+
+
+def build_scheduler(recipe: Recipe, optimizer):
+    """Linear warmup from 0, then cosine/linear decay to min_lr (or constant).
+    Steps are optimizer steps; megatron counts samples, so we scale by the global batch."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    t = recipe.train
+    gbs = t.global_batch_size
+    decay_steps = t.decay_steps or t.steps
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=t.lr,
+        min_lr=t.min_lr,
+        lr_warmup_steps=t.warmup_steps * gbs,
+        lr_decay_steps=decay_steps * gbs,
+        lr_decay_style=t.decay_style,
+        start_wd=t.weight_decay,
+        end_wd=t.weight_decay,
+        wd_incr_steps=decay_steps * gbs,
+        wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=True,
+        override_opt_param_scheduler=False,
+    )

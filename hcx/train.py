@@ -1,0 +1,266 @@
+"""The training loop: one loop for pretraining, SFT and alignment.
+
+A stage is a :class:`Task`: how to get this rank's micro-batches for a step and how
+to turn one micro-batch into a loss. Everything else (parallelism, precision,
+megatron's pipeline schedules, optimizer, LR schedule, checkpoints, metrics, NaN
+guard) lives here once.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+import torch.distributed as dist
+
+from hcx import checkpoint as ckpt
+from hcx import metrics as M
+from hcx.config import Recipe
+from hcx.model import build_gpt, compute_dtype, padded_vocab_size
+from hcx.optim import build_optimizer, build_scheduler, wrap_ddp
+from hcx.parallel import Topology, initialize
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class Task(Protocol):
+    """What makes a training stage."""
+
+    def microbatches(self, step: int) -> list[dict[str, torch.Tensor]]:
+        """This DP rank's micro-batches for optimizer step ``step`` (0-based)."""
+
+    def forward_step(self, model, batch: dict[str, torch.Tensor]):
+        """Run the model on a batch; return ``(output, loss_func)`` as megatron's
+        schedules expect. ``loss_func(output)`` returns ``(loss_sum, num_tokens,
+        {"loss": tensor([sum, count]), ...})``."""
+
+
+@dataclass
+class Engine:
+    """The model and its optimizer on this rank, ready to train or to run."""
+
+    recipe: Recipe
+    topo: Topology
+    model: Any  # the GPTModel stage (unwrapped)
+    ddp: Any  # megatron DDP around it (what the schedules and optimizer see)
+    optimizer: Any
+    scheduler: Any
+    dtype: torch.dtype
+    vocab_size: int
+    log: Callable[[str], None] = print
+    start_step: int = 0
+    extra_state: dict[str, Any] = field(default_factory=dict)
+
+
+def rank0_print() -> Callable[[str], None]:
+    def log(msg: str) -> None:
+        if (dist.get_rank() if dist.is_initialized() else 0) == 0:
+            print(msg, flush=True)
+
+    return log
+
+
+def build_engine(recipe: Recipe, vocab_size: int, with_optimizer: bool = True) -> Engine:
+    """Initialize distributed state and build model (+ optimizer and schedule)."""
+    topo = initialize(recipe.parallel, recipe.train.seed)
+    log = rank0_print()
+    dtype = compute_dtype(recipe.train.precision)
+    padded = padded_vocab_size(vocab_size, recipe.parallel.tp)
+    model = build_gpt(recipe.model, recipe.parallel, padded, recipe.data.seq_length, dtype,
+                      pre_process=topo.is_first_stage, post_process=topo.is_last_stage,
+                      recompute=recipe.train.recompute)
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    module = model
+    if dtype == torch.bfloat16:
+        from megatron.core.transformer.module import Float16Module
+
+        module = Float16Module(model.config, model)
+    ddp = wrap_ddp(recipe, module, model.config)
+    optimizer = scheduler = None
+    if with_optimizer:
+        from megatron.core.distributed import finalize_model_grads
+
+        optimizer = build_optimizer(recipe, [ddp], dtype)
+        scheduler = build_scheduler(recipe, optimizer)
+        # As Megatron-LM's training.py: DP/TP grad reduction (incl. tied embeddings
+        # across pipeline stages and sequence-parallel norms) after the backward pass.
+        model.config.finalize_model_grads_func = finalize_model_grads
+        model.config.grad_scale_func = optimizer.scale_loss
+    return Engine(recipe, topo, model, ddp, optimizer, scheduler, dtype, padded, log)
+
+
+def restore(engine: Engine) -> None:
+    """Resume from the newest complete checkpoint, or load ``init_from`` weights."""
+    r = engine.recipe
+    found_path: list[Any] = [None]
+    if r.checkpoint.resume and engine.topo.rank == 0:
+        found = ckpt.find_resumable(r.checkpoint_dir, log=engine.log)
+        found_path[0] = str(found.path) if found else None
+    if dist.is_initialized():
+        dist.broadcast_object_list(found_path, src=0)
+    if found_path[0] is not None:
+        path = Path(found_path[0])
+        meta = ckpt.load(path, [engine.model], engine.optimizer, engine.scheduler, log=engine.log)
+        engine.start_step = meta["step"]
+        engine.extra_state = meta
+        engine.log(f"checkpoint: resumed from {path} at step {meta['step']}")
+    elif r.checkpoint.init_from:
+        from hcx.paths import resolve
+
+        path = resolve(r.checkpoint.init_from)
+        ckpt.load(path, [engine.model], None, None, restore_rng=False, log=engine.log)
+        engine.log(f"checkpoint: initialized weights from {path}")
+
+
+def _reduce_loss(engine: Engine, losses: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Token-weighted mean of every reported quantity over micro-batches and DP ranks,
+    made known to every rank (it is computed on the last pipeline stage only)."""
+    from megatron.core import parallel_state as ps
+
+    keys = sorted(losses[0]) if losses else []
+    # All ranks need the same tensor shape: the last stage's keys decide.
+    names = [keys]
+    if engine.topo.pp > 1:
+        dist.broadcast_object_list(names, src=ps.get_pipeline_model_parallel_last_rank(),
+                                   group=ps.get_pipeline_model_parallel_group())
+    keys = names[0]
+    totals = torch.zeros(len(keys), 2, dtype=torch.float64)
+    if engine.topo.is_last_stage:
+        for mb in losses:
+            for i, k in enumerate(keys):
+                totals[i] += mb[k].detach().to("cpu", torch.float64)
+        if engine.topo.dp > 1:
+            dist.all_reduce(totals, group=ps.get_data_parallel_group())
+    if engine.topo.pp > 1:
+        dist.broadcast(totals, src=ps.get_pipeline_model_parallel_last_rank(),
+                       group=ps.get_pipeline_model_parallel_group())
+    return {k: (totals[i, 0] / totals[i, 1].clamp(min=1)).item() for i, k in enumerate(keys)}
+
+
+def run_step(engine: Engine, task: Task, step: int, forward_only: bool = False,
+             batches: list | None = None) -> dict[str, float]:
+    """One optimizer step (or, with forward_only, one evaluation pass)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    r = engine.recipe
+    mbs = batches if batches is not None else task.microbatches(step)
+    if not forward_only:
+        engine.ddp.zero_grad_buffer()
+        engine.optimizer.zero_grad()
+    losses = get_forward_backward_func()(
+        forward_step_func=lambda it, model: task.forward_step(model, next(it)),
+        data_iterator=iter(mbs),
+        model=[engine.ddp],
+        num_microbatches=len(mbs),
+        seq_length=r.data.seq_length,
+        micro_batch_size=r.train.micro_batch_size,
+        forward_only=forward_only,
+    )
+    return _reduce_loss(engine, losses)
+
+
+def train(engine: Engine, task: Task, valid_task: Task | None = None) -> list[dict[str, Any]]:
+    """Train from ``engine.start_step`` to ``recipe.train.steps``. Returns the records."""
+    r, topo = engine.recipe, engine.topo
+    t = r.train
+    flops_per_token = M.training_flops_per_token(r.model, engine.vocab_size, r.data.seq_length)
+    peak = M.peak_tflops(r.logging.peak_tflops, engine.dtype)
+    tokens_per_step = t.global_batch_size * r.data.seq_length
+    logger = None
+    if topo.is_logging_rank:
+        logger = M.MetricsLogger(Path(r.output_dir), t.steps, engine.start_step,
+                                 r.logging.tensorboard, r.logging.progress, r.logging.log_every)
+    records = []
+    try:
+        for step in range(engine.start_step, t.steps):
+            done = step + 1
+            t0 = time.perf_counter()
+            reduced = run_step(engine, task, step)
+            loss = reduced.get("loss", float("nan"))
+            if not math.isfinite(loss):
+                raise NonFiniteLoss(
+                    f"loss is {loss} at step {done}; stopping without saving. The last good "
+                    f"checkpoint in {r.checkpoint_dir} is untouched; lower train.lr or check the "
+                    "data of this step, then resume."
+                )
+            lr = engine.optimizer.param_groups[0]["lr"]  # the rate this step applies
+            update_ok, grad_norm, _ = engine.optimizer.step()
+            if grad_norm is not None and not math.isfinite(grad_norm):
+                raise NonFiniteLoss(
+                    f"gradient norm is {grad_norm} at step {done}; stopping without saving. The "
+                    f"last good checkpoint in {r.checkpoint_dir} is untouched."
+                )
+            engine.scheduler.step(increment=t.global_batch_size)
+            dt = time.perf_counter() - t0
+            tflops = flops_per_token * tokens_per_step / dt / topo.world_size / 1e12
+            record = {"step": done, **reduced,
+                      "lr": lr,
+                      "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                      "tokens": done * tokens_per_step,
+                      "step_time_s": dt,
+                      "tokens_per_s": tokens_per_step / dt,
+                      "tflops": tflops}
+            if peak:
+                record["mfu"] = tflops / peak
+            if valid_task is not None and r.data.eval_every and done % r.data.eval_every == 0:
+                passes = [run_step(engine, valid_task, k, forward_only=True)
+                          for k in range(r.data.eval_batches)]
+                record.update({f"valid/{k}": sum(p[k] for p in passes) / len(passes)
+                               for k in passes[0]})
+            records.append(record)
+            if logger:
+                logger.log(record)
+            if (r.checkpoint.save_every and done % r.checkpoint.save_every == 0) or done == t.steps:
+                path = ckpt.save(r.checkpoint_dir, done, [engine.model], engine.optimizer,
+                                 engine.scheduler, {"consumed_samples": done * t.global_batch_size,
+                                                    "recipe": r.to_dict()},
+                                 r.checkpoint.keep_last, log=engine.log)
+                if logger:
+                    logger.write(f"checkpoint: saved {path}")
+    finally:
+        if logger:
+            logger.close()
+    return records
+
+
+# --- the pretraining stage ---------------------------------------------------------------
+
+
+def lm_loss(loss_mask: torch.Tensor, output: torch.Tensor):
+    """Masked next-token cross-entropy: the schedule divides ``loss_sum`` by
+    ``num_tokens`` and by the number of micro-batches (Megatron-LM's convention)."""
+    mask = loss_mask.reshape(-1).float()
+    loss_sum = (output.reshape(-1).float() * mask).sum()
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss_sum.detach().clone(), mask.sum().detach()])
+    return loss_sum, num_tokens, {"loss": report}
+
+
+class PretrainTask:
+    """Next-token prediction on blended megatron GPT samples."""
+
+    def __init__(self, engine: Engine, dataset):
+        self.engine = engine
+        self.dataset = dataset
+
+    def microbatches(self, step: int):
+        from hcx.data import microbatches
+
+        r, topo = self.engine.recipe, self.engine.topo
+        return microbatches(self.dataset, step, r.train.global_batch_size,
+                            r.train.micro_batch_size, topo.dp, topo.dp_rank)
+
+    def forward_step(self, model, batch):
+        dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        tokens = batch["tokens"].to(dev, non_blocking=True)
+        labels = batch["labels"].to(dev, non_blocking=True)
+        output = model(tokens, batch["position_ids"].to(dev), None, labels=labels)
+        return output, partial(lm_loss, batch["loss_mask"].to(dev))
