@@ -24,8 +24,11 @@ def _relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
     For clusters use ``hcx launch`` or your own torchrun/srun line."""
     torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
     cmd = [torchrun, "--standalone", f"--nproc-per-node={nproc}", "-m", "hcx.cli", *argv]
+    env = dict(os.environ)
+    # Share the cores instead of torchrun's default of one thread per process.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     print(f"hcx: launching {nproc} processes: {' '.join(cmd)}", file=sys.stderr, flush=True)
-    return subprocess.call(cmd)
+    return subprocess.call(cmd, env=env)
 
 
 def cmd_pretrain(args: argparse.Namespace, argv: list[str]) -> int:
@@ -79,8 +82,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_known_warnings() -> None:
+    """Silence warnings that say nothing actionable to hcx users (megatron's notes that
+    Apex/Transformer Engine are absent, torch deprecations inside megatron)."""
+    import warnings
+
+    for pattern in (r".*Transformer Engine and Apex are not installed.*",
+                    r".*Apex is not installed.*", r".*full scope is deprecated.*",
+                    r".*is deprecated. Please use `torch.distributed.*",
+                    r".*\.grad attribute of a Tensor that is not a leaf.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+    # torchrun children inherit this, so their imports are quiet too.
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
+    # Megatron's TP comm/compute overlap needs kernels issued in order on GPU
+    # (Megatron-LM's launch scripts set the same); meaningless on CPU.
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_known_warnings()
     args = build_parser().parse_args(argv)
     paths.set_data_root(args.data_dir)
     if args.data_dir:

@@ -62,6 +62,7 @@ class MetricsLogger:
         self.path = out_dir / "metrics.jsonl"
         self._file = self.path.open("a", encoding="utf-8")
         self.log_every = log_every
+        self.total_steps = total_steps
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -86,7 +87,7 @@ class MetricsLogger:
         if self._bar is not None:
             self._bar.update(1)
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in short.items()}, refresh=False)
-        if step % self.log_every == 0 or self._bar is None:
+        if step % self.log_every == 0 or step == self.total_steps:
             parts = [f"step {step}"] + [_fmt(k, record[k]) for k in
                                         ("loss", "lr", "grad_norm", "tokens_per_s", "tflops", "mfu")
                                         if k in record]

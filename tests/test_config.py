@@ -1,0 +1,131 @@
+"""Recipes: inheritance, overrides, and errors that name the key and where it was set."""
+
+from pathlib import Path
+
+import pytest
+
+from hcx.config import RecipeError, load_recipe
+from tests.conftest import TINY, hcx
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_tiny_recipe_loads():
+    r = load_recipe(TINY)
+    assert r.name == "tiny"
+    assert r.model.num_query_groups == 2
+    assert r.num_microbatches == r.train.global_batch_size // r.train.micro_batch_size
+
+
+def test_base_inheritance_deep_merges(tmp_path):
+    child = write(tmp_path, "child.yaml", f"base: {TINY}\nmodel:\n  num_layers: 8\n")
+    r = load_recipe(child)
+    assert r.model.num_layers == 8
+    assert r.model.hidden_size == load_recipe(TINY).model.hidden_size  # kept from base
+
+
+def test_base_chain_relative_paths(tmp_path):
+    (tmp_path / "sub").mkdir()
+    write(tmp_path, "mid.yaml", f"base: {TINY}\ntrain:\n  lr: 1.0e-3\n")
+    leaf = write(tmp_path / "sub", "leaf.yaml", "base: ../mid.yaml\ntrain:\n  steps: 7\n")
+    r = load_recipe(leaf)
+    assert (r.train.lr, r.train.steps) == (1e-3, 7)
+
+
+def test_overrides_parse_yaml_values():
+    r = load_recipe(TINY, ["train.lr=3e-4", "parallel.tp=2", "model.tie_embeddings=true"])
+    assert r.train.lr == pytest.approx(3e-4)
+    assert r.parallel.tp == 2 and r.model.tie_embeddings is True
+
+
+def test_override_into_list_item():
+    r = load_recipe(TINY, ["data.sources.0.weight=0.9"])
+    assert r.data.sources[0].weight == 0.9
+
+
+def test_unknown_key_names_file_line_and_suggests(tmp_path):
+    p = write(tmp_path, "bad.yaml", f"base: {TINY}\ntrain:\n  steps: 3\n  learning_rate: 0.1\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(p)
+    msg = str(e.value)
+    assert f"{p}:4" in msg and "unknown key 'train.learning_rate'" in msg
+
+
+def test_unknown_override_key_is_named():
+    with pytest.raises(RecipeError, match=r"override 'train.lrr=1'.*unknown key 'train.lrr' \(did you mean 'lr'\?\)"):
+        load_recipe(TINY, ["train.lrr=1"])
+
+
+def test_wrong_type_names_key_and_value(tmp_path):
+    p = write(tmp_path, "bad.yaml", f"base: {TINY}\ntrain:\n  global_batch_size: eight\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(p)
+    assert f"{p}:3" in str(e.value) and "train.global_batch_size" in str(e.value)
+    assert "'eight'" in str(e.value)
+
+
+def test_missing_required_key(tmp_path):
+    p = write(tmp_path, "bad.yaml", "name: x\noutput_dir: y\n")
+    with pytest.raises(RecipeError, match="missing required key 'model'"):
+        load_recipe(p)
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["parallel.tp=3"], "model.num_attention_heads=4 is not divisible by parallel.tp=3"),
+    (["parallel.pp=3"], "model.num_layers=4 is not divisible by parallel.pp=3"),
+    (["model.num_query_groups=3"], "model.num_query_groups=3 does not divide model.num_attention_heads=4"),
+    (["parallel.tp=4"], "model.num_query_groups=2 is not divisible by parallel.tp=4"),
+    (["parallel.sequence_parallel=true"], "parallel.sequence_parallel needs parallel.tp > 1"),
+    (["train.global_batch_size=6"], "train.global_batch_size=6 is not divisible by"),
+    (["data.seq_length=4096"], "exceeds model.max_position_embeddings"),
+])
+def test_impossible_combinations(overrides, needle):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(TINY, overrides)
+    assert needle in str(e.value)
+    assert "override" in str(e.value) or str(TINY) in str(e.value)
+
+
+def test_combination_error_names_recipe_line():
+    with pytest.raises(RecipeError) as e:
+        load_recipe(TINY, ["train.steps=3"])  # warmup (5) > decay length (3)
+    assert f"{TINY}:" in str(e.value) and "train.warmup_steps" in str(e.value)
+
+
+def test_inheritance_cycle(tmp_path):
+    write(tmp_path, "a.yaml", "base: b.yaml\n")
+    b = write(tmp_path, "b.yaml", "base: a.yaml\n")
+    with pytest.raises(RecipeError, match="cycle"):
+        load_recipe(b)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(RecipeError, match="not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    p = write(tmp_path, "broken.yaml", "model: [1, 2\n")
+    with pytest.raises(RecipeError, match="invalid YAML"):
+        load_recipe(p)
+
+
+def test_bad_override_syntax():
+    with pytest.raises(RecipeError, match="expected KEY=VALUE"):
+        load_recipe(TINY, ["train.lr"])
+
+
+def test_cli_rejects_bad_recipe_before_starting_processes(tmp_path):
+    # tp=3 would need 3 processes; the error must come from validation, exit code 2.
+    proc = hcx("pretrain", str(TINY), "parallel.tp=3", f"output_dir={tmp_path}", check=False)
+    assert proc.returncode == 2
+    assert "not divisible by parallel.tp=3" in proc.stderr
+    assert "launching" not in proc.stderr and not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_cli_check_and_help():
+    ok = hcx("pretrain", str(TINY), "parallel.dp=2", "--check")
+    assert "ok (2 processes" in ok.stdout
+    helptext = hcx("pretrain", "--help").stdout
+    assert "KEY=VALUE" in helptext and "torchrun" in helptext
