@@ -188,6 +188,13 @@ def _sharded_state(model_chunks, optimizer, is_loading: bool, with_optimizer: bo
     return state
 
 
+def _optimizer_kind(optimizer) -> str:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    return "distributed" if any(isinstance(o, DistributedOptimizer) for o in inner) else "plain"
+
+
 def save(ckpt_dir: Path, step: int, model_chunks, optimizer, scheduler,
          extra: dict[str, Any], keep_last: int, log=print) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint path."""
@@ -212,6 +219,7 @@ def save(ckpt_dir: Path, step: int, model_chunks, optimizer, scheduler,
         if n_rng != _world():
             raise CheckpointError(f"{tmp}: {n_rng} RNG files for {_world()} ranks")
         meta = {"step": step, "world_size": _world(), "files": files,
+                "optimizer": _optimizer_kind(optimizer),
                 "scheduler": scheduler.state_dict(), **extra}
         _write_atomic(tmp / META, json.dumps(meta, indent=1))
         reason = verify(tmp)
@@ -236,6 +244,22 @@ def _prune(ckpt_dir: Path, keep_last: int, log) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
+def _materialize_optimizer_state(optimizer) -> None:
+    """Give a fresh distributed optimizer its state tensors before loading into it.
+
+    Without Apex/Transformer Engine (torch's Adam), megatron-core 0.16's
+    ``DistributedOptimizer.state_dict`` reads each state's ``step`` and fails on a
+    fresh optimizer, which the load path needs. megatron's own remedy (used for its
+    FSDP format) is one step on zero gradients; every value it touches (main params,
+    moments, step) is then overwritten by the checkpoint.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(opt, DistributedOptimizer) and not opt.optimizer.state:
+            opt._init_optimizer_states_with_dummy_values()
+
+
 def load(path: Path, model_chunks, optimizer=None, scheduler=None, restore_rng: bool = True,
          log=print) -> dict[str, Any]:
     """Load a checkpoint into the (possibly differently parallelized) model.
@@ -246,6 +270,15 @@ def load(path: Path, model_chunks, optimizer=None, scheduler=None, restore_rng: 
     if reason:
         raise CheckpointError(f"cannot load {path}: {reason}")
     meta = json.loads((path / META).read_text())
+    if optimizer is not None:
+        saved, current = meta.get("optimizer"), _optimizer_kind(optimizer)
+        if saved != current:
+            raise CheckpointError(
+                f"{path} holds a {saved} optimizer's state but this run uses a {current} one: "
+                f"set parallel.distributed_optimizer={str(saved == 'distributed').lower()} to "
+                "resume, or use checkpoint.init_from to take only the weights"
+            )
+        _materialize_optimizer_state(optimizer)
     state = _sharded_state(model_chunks, optimizer, is_loading=True,
                            with_optimizer=optimizer is not None)
     try:

@@ -53,8 +53,11 @@ class ParallelConfig(_Strict):
     pp: int = Field(default=1, gt=0, description="pipeline-parallel size")
     dp: int = Field(default=1, gt=0, description="data-parallel size")
     sequence_parallel: bool = False
-    distributed_optimizer: bool | None = Field(
-        default=None, description="None = on when dp > 1 (ZeRO-1 style optimizer sharding)"
+    distributed_optimizer: bool = Field(
+        default=True,
+        description="megatron's distributed optimizer (optimizer state sharded over DP, "
+                    "ZeRO-1). On by default at every DP size so that checkpoints move between "
+                    "any layouts; megatron's plain optimizer saves in another format.",
     )
 
     @property

@@ -153,12 +153,45 @@ class Datasets:
     valid: torch.utils.data.Dataset | None
 
 
+def check_splits(recipe: Recipe, prefixes: list[str]) -> None:
+    """Refuse splits that would be empty for a source.
+
+    megatron-core assigns each source's documents to train/valid/test by the split
+    bookends; a split of non-zero weight with no documents makes ``GPTDataset``
+    loop forever (megatron-core 0.16) instead of failing. Say which source instead.
+    """
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    try:
+        matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(recipe.data.split))
+    except Exception as e:
+        raise DataError(f"data.split {recipe.data.split!r} is not a valid split: {e}") from None
+    names = ("train", "validation", "test")
+    for source, prefix in zip(recipe.data.sources, prefixes):
+        n_docs = len(IndexedDataset(prefix).document_indices) - 1
+        for name, bookends in zip(names, matrix):
+            if bookends is None:
+                continue
+            n = int(round(bookends[1] * n_docs)) - int(round(bookends[0] * n_docs))
+            if n == 0:
+                raise DataError(
+                    f"data source {source.name!r} has {n_docs} documents: data.split "
+                    f"{recipe.data.split!r} leaves none for its {name} split. Add documents or "
+                    "change data.split (e.g. '100,0,0' for no held-out data)."
+                )
+
+
 def build_datasets(recipe: Recipe, prefixes: list[str], tokenizer: Tokenizer) -> Datasets:
     from megatron.core.datasets.blended_megatron_dataset_builder import (
         BlendedMegatronDatasetBuilder,
     )
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
+    check_splits(recipe, prefixes)
     t, d = recipe.train, recipe.data
     weights = [s.weight for s in d.sources]
     config = GPTDatasetConfig(

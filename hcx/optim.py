@@ -1,4 +1,4 @@
-"""megatron-core optimizer (AdamW, distributed where DP > 1) and LR/WD schedule."""
+"""megatron-core optimizer (AdamW; distributed optimizer by default) and LR/WD schedule."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ from hcx.config import Recipe
 
 
 def use_distributed_optimizer(recipe: Recipe) -> bool:
-    p = recipe.parallel
-    return p.distributed_optimizer if p.distributed_optimizer is not None else p.dp > 1
+    return recipe.parallel.distributed_optimizer
 
 
 def wrap_ddp(recipe: Recipe, module: torch.nn.Module, config):

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from hcx import cpu_compat
+from hcx import cpu_compat, mcore_fixes
 from hcx.config import ParallelConfig
 
 
@@ -58,6 +58,7 @@ def initialize(parallel: ParallelConfig, seed: int, timeout_minutes: int = 30) -
     from megatron.core import parallel_state, tensor_parallel
 
     cpu_compat.enable()
+    mcore_fixes.apply()
     if not dist.is_initialized():
         # A single process without torchrun is a world of one.
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -119,3 +119,14 @@ def test_microbatches_same_global_batch_for_any_dp():
     assert samples(1) == samples(2) == samples(4) == list(range(24, 32))
     mbs = microbatches(dataset, step=0, global_batch=8, micro_batch=2, dp=2, dp_rank=1)
     assert [mb["tokens"][:, 0].tolist() for mb in mbs] == [[2, 3], [6, 7]]
+
+
+def test_empty_split_is_an_error_not_a_hang(tmp_path, prepared_prefix):
+    # megatron-core 0.16 loops forever building a split with no documents.
+    from tests.conftest import hcx, small_recipe
+
+    recipe = small_recipe(tmp_path / "r.yaml", tmp_path / "run", prepared_prefix)
+    proc = hcx("pretrain", str(recipe), "data.split=98,2,0", check=False, timeout=120)
+    assert proc.returncode == 1
+    assert "data source 'ko_kolaw' has 12 documents" in proc.stderr
+    assert "leaves none for its validation split" in proc.stderr
