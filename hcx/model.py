@@ -36,6 +36,45 @@ class RMSNorm(torch.nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
+def _sdpa_attention_class():
+    """megatron's local core attention, computed by torch's fused
+    ``scaled_dot_product_attention`` in the common case.
+
+    megatron's ``DotProductAttention`` materializes the full score matrix
+    (baddbmm, masked_fill, softmax, bmm), which costs memory and time on CPUs and
+    on GPUs without Transformer Engine. For causal self-attention without explicit
+    masks, dropout or windows, the same math runs in one fused kernel; anything else
+    takes megatron's path unchanged.
+    """
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    class SDPAttention(DotProductAttention):
+        def forward(self, query, key, value, attention_mask, attn_mask_type=None,
+                    attention_bias=None, packed_seq_params=None):
+            mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+            simple = (
+                attention_mask is None and attention_bias is None and packed_seq_params is None
+                and mask_type == AttnMaskType.causal and query.shape[0] == key.shape[0]
+                and self.config.window_size is None and self.softmax_offset is None
+                and not self.config.apply_query_key_layer_scaling
+                and (self.config.attention_dropout == 0.0 or not self.training)
+            )
+            if not simple:
+                return super().forward(query, key, value, attention_mask, attn_mask_type,
+                                       attention_bias, packed_seq_params)
+            sq, b = query.shape[0], query.shape[1]
+            # [s, b, heads, d] -> [b, heads, s, d]; GQA: repeat each KV group for its queries.
+            q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+            rep = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
+            if rep > 1:
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+            return out.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
+
+    return SDPAttention
+
+
 def have_transformer_engine() -> bool:
     try:
         import transformer_engine  # noqa: F401
@@ -125,6 +164,7 @@ def build_gpt(model: ModelConfig, parallel: ParallelConfig, vocab_size: int, seq
         layer = get_gpt_layer_local_spec(normalization="RMSNorm")
         layer.submodules.input_layernorm = RMSNorm
         layer.submodules.pre_mlp_layernorm = RMSNorm
+        layer.submodules.self_attention.submodules.core_attention = _sdpa_attention_class()
         spec = TransformerBlockSubmodules(
             layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=RMSNorm
         )

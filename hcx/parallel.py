@@ -60,18 +60,19 @@ def initialize(parallel: ParallelConfig, seed: int, timeout_minutes: int = 30) -
     cpu_compat.enable()
     mcore_fixes.apply()
     if not dist.is_initialized():
-        # A single process without torchrun is a world of one.
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("LOCAL_RANK", "0")
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group(
-            backend="nccl" if torch.cuda.is_available() else "gloo",
-            timeout=datetime.timedelta(minutes=timeout_minutes),
-        )
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        if "WORLD_SIZE" in os.environ:  # torchrun / SLURM: env:// rendezvous
+            if torch.cuda.is_available():
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:
+            # A single process without a launcher is a world of one: an in-memory
+            # store, no ports to pick or collide on.
+            if torch.cuda.is_available():
+                torch.cuda.set_device(0)
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0,
+                                    world_size=1, timeout=timeout)
     world = dist.get_world_size()
     if world != parallel.world_size:
         raise RuntimeError(
@@ -111,11 +112,3 @@ def shutdown() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
