@@ -174,12 +174,10 @@ def _step_of(path: Path) -> int:
 # --- save / load -------------------------------------------------------------------
 
 
-def _sharded_state(model_chunks, optimizer, is_loading: bool, with_optimizer: bool):
-    model_sd = {}
-    for i, chunk in enumerate(model_chunks):
-        # Keys are global (layer numbers include the pipeline offset), so one chunk's
-        # dict is the whole model's when pp == 1 and a stage's slice otherwise.
-        model_sd.update(chunk.sharded_state_dict())
+def _sharded_state(model, optimizer, is_loading: bool, with_optimizer: bool):
+    # Keys are global (layer numbers include the pipeline offset): the whole model's
+    # when pp == 1, this stage's slice of it otherwise.
+    model_sd = model.sharded_state_dict()
     state = {"model": model_sd}
     if with_optimizer:
         state["optimizer"] = optimizer.sharded_state_dict(
@@ -195,7 +193,7 @@ def _optimizer_kind(optimizer) -> str:
     return "distributed" if any(isinstance(o, DistributedOptimizer) for o in inner) else "plain"
 
 
-def save(ckpt_dir: Path, step: int, model_chunks, optimizer, scheduler,
+def save(ckpt_dir: Path, step: int, model, optimizer, scheduler,
          extra: dict[str, Any], keep_last: int, log=print) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint path."""
     from megatron.core import dist_checkpointing
@@ -208,7 +206,7 @@ def save(ckpt_dir: Path, step: int, model_chunks, optimizer, scheduler,
             shutil.rmtree(tmp)
         tmp.mkdir()
     _barrier()
-    state = _sharded_state(model_chunks, optimizer, is_loading=False, with_optimizer=True)
+    state = _sharded_state(model, optimizer, is_loading=False, with_optimizer=True)
     dist_checkpointing.save(state, str(tmp))
     (tmp / "rng").mkdir(exist_ok=True)
     torch.save(rng_state(), tmp / "rng" / f"rank_{_rank():05d}.pt")
@@ -260,7 +258,7 @@ def _materialize_optimizer_state(optimizer) -> None:
             opt._init_optimizer_states_with_dummy_values()
 
 
-def load(path: Path, model_chunks, optimizer=None, scheduler=None, restore_rng: bool = True,
+def load(path: Path, model, optimizer=None, scheduler=None, restore_rng: bool = True,
          log=print) -> dict[str, Any]:
     """Load a checkpoint into the (possibly differently parallelized) model.
     With ``optimizer=None`` only the weights are loaded. Returns the hcx metadata."""
@@ -279,15 +277,13 @@ def load(path: Path, model_chunks, optimizer=None, scheduler=None, restore_rng: 
                 "resume, or use checkpoint.init_from to take only the weights"
             )
         _materialize_optimizer_state(optimizer)
-    state = _sharded_state(model_chunks, optimizer, is_loading=True,
+    state = _sharded_state(model, optimizer, is_loading=True,
                            with_optimizer=optimizer is not None)
     try:
         loaded = dist_checkpointing.load(state, str(path))
     except Exception as e:  # shape/key mismatches surface here; name the checkpoint
         raise CheckpointError(f"cannot load {path} into this model: {e}") from e
-    for chunk in model_chunks:
-        # Each chunk takes the keys that belong to it (strict=False: other chunks' keys).
-        chunk.load_state_dict(loaded["model"], strict=False)
+    model.load_state_dict(loaded["model"], strict=True)
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -28,7 +29,18 @@ def _relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
     # Share the cores instead of torchrun's default of one thread per process.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     print(f"hcx: launching {nproc} processes: {' '.join(cmd)}", file=sys.stderr, flush=True)
-    return subprocess.call(cmd, env=env)
+    child = subprocess.Popen(cmd, env=env)
+    received: list[int] = []
+
+    def forward(signum, frame):  # torchrun passes it on to every worker
+        received.append(signum)
+        child.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    code = child.wait()
+    # torchrun exits 1 after shutting its workers down on a signal; report the signal.
+    return 128 + received[0] if received else code
 
 
 def cmd_pretrain(args: argparse.Namespace, argv: list[str]) -> int:
@@ -108,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["HCX_DATA_DIR"] = args.data_dir  # reaches torchrun children too
     from hcx.checkpoint import CheckpointError
     from hcx.data import DataError
-    from hcx.train import NonFiniteLoss
+    from hcx.train import NonFiniteLoss, Stopped
 
     try:
         return args.func(args, argv)
@@ -120,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         prefix = f"hcx [rank {rank}]" if rank not in (None, "0") else "hcx"
         print(f"{prefix}: error: {e}", file=sys.stderr)
         return 1
+    except Stopped as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"hcx: {e}", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("hcx: interrupted", file=sys.stderr)
         return 130

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -28,6 +28,48 @@ from hcx.parallel import Topology, initialize
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+class Stopped(RuntimeError):
+    """SIGTERM/SIGINT arrived; a checkpoint of the last finished step was saved."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+class _StopSignals:
+    """Remembers SIGTERM/SIGINT (SLURM preemption, scancel, Ctrl-C forwarded by torchrun)
+    so the loop can stop after the current step. Ranks agree on it collectively:
+    one rank acting alone would deadlock the others in the next collective."""
+
+    def __init__(self):
+        self.signum = 0
+        self._previous = {}
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def agreed(self) -> int:
+        flag = torch.tensor([self.signum], dtype=torch.int64)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 class Task(Protocol):
@@ -56,7 +98,6 @@ class Engine:
     vocab_size: int
     log: Callable[[str], None] = print
     start_step: int = 0
-    extra_state: dict[str, Any] = field(default_factory=dict)
 
 
 def rank0_print() -> Callable[[str], None]:
@@ -108,15 +149,14 @@ def restore(engine: Engine) -> None:
         dist.broadcast_object_list(found_path, src=0)
     if found_path[0] is not None:
         path = Path(found_path[0])
-        meta = ckpt.load(path, [engine.model], engine.optimizer, engine.scheduler, log=engine.log)
+        meta = ckpt.load(path, engine.model, engine.optimizer, engine.scheduler, log=engine.log)
         engine.start_step = meta["step"]
-        engine.extra_state = meta
         engine.log(f"checkpoint: resumed from {path} at step {meta['step']}")
     elif r.checkpoint.init_from:
         from hcx.paths import resolve
 
         path = resolve(r.checkpoint.init_from)
-        ckpt.load(path, [engine.model], None, None, restore_rng=False, log=engine.log)
+        ckpt.load(path, engine.model, None, None, restore_rng=False, log=engine.log)
         engine.log(f"checkpoint: initialized weights from {path}")
 
 
@@ -179,52 +219,66 @@ def train(engine: Engine, task: Task, valid_task: Task | None = None) -> list[di
         logger = M.MetricsLogger(Path(r.output_dir), t.steps, engine.start_step,
                                  r.logging.tensorboard, r.logging.progress, r.logging.log_every)
     records = []
+    if engine.start_step >= t.steps:
+        engine.log(f"nothing to do: the run is already at step {engine.start_step} of {t.steps} "
+                   "(raise train.steps to continue)")
+    def save(done: int) -> None:
+        path = ckpt.save(r.checkpoint_dir, done, engine.model, engine.optimizer,
+                         engine.scheduler, {"consumed_samples": done * t.global_batch_size,
+                                            "recipe": r.to_dict()},
+                         r.checkpoint.keep_last, log=engine.log)
+        if logger:
+            logger.write(f"checkpoint: saved {path}")
+
     try:
-        for step in range(engine.start_step, t.steps):
-            done = step + 1
-            t0 = time.perf_counter()
-            reduced = run_step(engine, task, step)
-            loss = reduced.get("loss", float("nan"))
-            if not math.isfinite(loss):
-                raise NonFiniteLoss(
-                    f"loss is {loss} at step {done}; stopping without saving. The last good "
-                    f"checkpoint in {r.checkpoint_dir} is untouched; lower train.lr or check the "
-                    "data of this step, then resume."
-                )
-            lr = engine.optimizer.param_groups[0]["lr"]  # the rate this step applies
-            update_ok, grad_norm, _ = engine.optimizer.step()
-            if grad_norm is not None and not math.isfinite(grad_norm):
-                raise NonFiniteLoss(
-                    f"gradient norm is {grad_norm} at step {done}; stopping without saving. The "
-                    f"last good checkpoint in {r.checkpoint_dir} is untouched."
-                )
-            engine.scheduler.step(increment=t.global_batch_size)
-            dt = time.perf_counter() - t0
-            tflops = flops_per_token * tokens_per_step / dt / topo.world_size / 1e12
-            record = {"step": done, **reduced,
-                      "lr": lr,
-                      "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                      "tokens": done * tokens_per_step,
-                      "step_time_s": dt,
-                      "tokens_per_s": tokens_per_step / dt,
-                      "tflops": tflops}
-            if peak:
-                record["mfu"] = tflops / peak
-            if valid_task is not None and r.data.eval_every and done % r.data.eval_every == 0:
-                passes = [run_step(engine, valid_task, k, forward_only=True)
-                          for k in range(r.data.eval_batches)]
-                record.update({f"valid/{k}": sum(p[k] for p in passes) / len(passes)
-                               for k in passes[0]})
-            records.append(record)
-            if logger:
-                logger.log(record)
-            if (r.checkpoint.save_every and done % r.checkpoint.save_every == 0) or done == t.steps:
-                path = ckpt.save(r.checkpoint_dir, done, [engine.model], engine.optimizer,
-                                 engine.scheduler, {"consumed_samples": done * t.global_batch_size,
-                                                    "recipe": r.to_dict()},
-                                 r.checkpoint.keep_last, log=engine.log)
+        with _StopSignals() as signals:
+            for step in range(engine.start_step, t.steps):
+                done = step + 1
+                t0 = time.perf_counter()
+                reduced = run_step(engine, task, step)
+                loss = reduced.get("loss", float("nan"))
+                if not math.isfinite(loss):
+                    raise NonFiniteLoss(
+                        f"loss is {loss} at step {done}; stopping without saving. The last good "
+                        f"checkpoint in {r.checkpoint_dir} is untouched; lower train.lr or check the "
+                        "data of this step, then resume."
+                    )
+                lr = engine.optimizer.param_groups[0]["lr"]  # the rate this step applies
+                update_ok, grad_norm, _ = engine.optimizer.step()
+                if grad_norm is not None and not math.isfinite(grad_norm):
+                    raise NonFiniteLoss(
+                        f"gradient norm is {grad_norm} at step {done}; stopping without saving. The "
+                        f"last good checkpoint in {r.checkpoint_dir} is untouched."
+                    )
+                engine.scheduler.step(increment=t.global_batch_size)
+                dt = time.perf_counter() - t0
+                tflops = flops_per_token * tokens_per_step / dt / topo.world_size / 1e12
+                record = {"step": done, **reduced,
+                          "lr": lr,
+                          "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                          "tokens": done * tokens_per_step,
+                          "step_time_s": dt,
+                          "tokens_per_s": tokens_per_step / dt,
+                          "tflops": tflops}
+                if peak:
+                    record["mfu"] = tflops / peak
+                if valid_task is not None and r.data.eval_every and done % r.data.eval_every == 0:
+                    passes = [run_step(engine, valid_task, k, forward_only=True)
+                              for k in range(r.data.eval_batches)]
+                    record.update({f"valid/{k}": sum(p[k] for p in passes) / len(passes)
+                                   for k in passes[0]})
+                records.append(record)
                 if logger:
-                    logger.write(f"checkpoint: saved {path}")
+                    logger.log(record)
+                saved = (r.checkpoint.save_every and done % r.checkpoint.save_every == 0) or done == t.steps
+                if saved:
+                    save(done)
+                signum = signals.agreed()
+                if signum:
+                    if not saved:
+                        save(done)
+                    raise Stopped(f"stopped by signal {signum} after step {done}; its checkpoint is "
+                                  "saved: run the same command again to resume", signum)
     finally:
         if logger:
             logger.close()

@@ -4,6 +4,7 @@
 """
 
 import sys
+from pathlib import Path
 
 import torch
 
@@ -18,7 +19,7 @@ if __name__ == "__main__":
     recipe = load_recipe(recipe_path, sys.argv[4:])
     tok = load_tokenizer(recipe.data.tokenizer)
     engine = build_engine(recipe, model_vocab_size(recipe, tok.vocab_size), with_optimizer=False)
-    checkpoint.load(__import__("pathlib").Path(ckpt_path), [engine.model], restore_rng=False)
+    checkpoint.load(Path(ckpt_path), engine.model, restore_rng=False)
     text = ["안녕하세요, 한국어와 English를 함께 배우는 모델입니다.", "The quick brown fox 여우"]
     ids = [tok.encode(t)[:32] for t in text]
     tokens = torch.tensor([i + [tok.pad] * (32 - len(i)) for i in ids])
