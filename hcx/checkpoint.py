@@ -33,6 +33,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from hcx.errors import HcxError
+
 STEP_PREFIX = "step_"
 INCOMPLETE = ".incomplete"
 META = "hcx.json"
@@ -42,7 +44,7 @@ LATEST = "latest"
 OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(HcxError, RuntimeError):
     pass
 
 
@@ -68,6 +70,25 @@ def _rank() -> int:
 
 def _world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def on_rank0(fn, what: str):
+    """Run ``fn`` on rank 0 and give its result to every rank. If it raises, every rank
+    raises the same CheckpointError (instead of the others waiting forever in the next
+    collective while rank 0 unwinds)."""
+    result, error = None, None
+    if _rank() == 0:
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 - re-raised on every rank below
+            error = f"{what}: {e}"
+    if dist.is_initialized() and _world() > 1:
+        box = [result, error]
+        dist.broadcast_object_list(box, src=0)
+        result, error = box
+    if error is not None:
+        raise CheckpointError(error)
+    return result
 
 
 def _fsync_dir(path: Path) -> None:
@@ -147,10 +168,7 @@ def find_resumable(ckpt_dir: Path, log=print) -> Found | None:
         return None
     for p in sorted(ckpt_dir.glob(f"{STEP_PREFIX}*{INCOMPLETE}")):
         log(f"checkpoint: skipping half-written checkpoint {p} (a save was interrupted)")
-    candidates = sorted(
-        (p for p in ckpt_dir.glob(f"{STEP_PREFIX}*") if p.is_dir() and not p.name.endswith(INCOMPLETE)),
-        reverse=True,
-    )
+    candidates = complete_checkpoints(ckpt_dir)[::-1]
     latest_file = ckpt_dir / LATEST
     if latest_file.is_file():
         named = ckpt_dir / latest_file.read_text().strip()
@@ -194,25 +212,22 @@ def _optimizer_kind(optimizer) -> str:
 
 
 def save(ckpt_dir: Path, step: int, model, optimizer, scheduler,
-         extra: dict[str, Any], keep_last: int, log=print) -> Path:
+         extra: dict[str, Any], keep_last: int) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint path."""
     from megatron.core import dist_checkpointing
 
     final = ckpt_dir / step_dir_name(step)
     tmp = ckpt_dir / (step_dir_name(step) + INCOMPLETE)
-    if _rank() == 0:
+
+    def prepare():
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-    _barrier()
-    state = _sharded_state(model, optimizer, is_loading=False, with_optimizer=True)
-    dist_checkpointing.save(state, str(tmp))
-    (tmp / "rng").mkdir(exist_ok=True)
-    torch.save(rng_state(), tmp / "rng" / f"rank_{_rank():05d}.pt")
-    _barrier()
-    if _rank() == 0:
-        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+
+    def finalize():
+        files = {str(p.relative_to(tmp)): p.stat().st_size
+                 for p in sorted(tmp.rglob("*")) if p.is_file()}
         n_rng = len(list((tmp / "rng").glob("rank_*.pt")))
         if n_rng != _world():
             raise CheckpointError(f"{tmp}: {n_rng} RNG files for {_world()} ranks")
@@ -228,15 +243,32 @@ def save(ckpt_dir: Path, step: int, model, optimizer, scheduler,
         os.replace(tmp, final)
         _fsync_dir(ckpt_dir)
         _write_atomic(ckpt_dir / LATEST, final.name + "\n")
-        _prune(ckpt_dir, keep_last, log)
+        _prune(ckpt_dir, keep_last, step)
+
+    on_rank0(prepare, f"cannot create {tmp}")
+    state = _sharded_state(model, optimizer, is_loading=False, with_optimizer=True)
+    dist_checkpointing.save(state, str(tmp))
+    (tmp / "rng").mkdir(exist_ok=True)
+    torch.save(rng_state(), tmp / "rng" / f"rank_{_rank():05d}.pt")
     _barrier()
+    on_rank0(finalize, f"saving step {step} failed")
     return final
 
 
-def _prune(ckpt_dir: Path, keep_last: int, log) -> None:
-    complete = sorted(p for p in ckpt_dir.glob(f"{STEP_PREFIX}*")
-                      if p.is_dir() and not p.name.endswith(INCOMPLETE))
-    for p in complete[:-keep_last]:
+def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Finished checkpoint directories (not necessarily verified), oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p for p in ckpt_dir.glob(f"{STEP_PREFIX}*")
+                  if p.is_dir() and not p.name.endswith(INCOMPLETE))
+
+
+def _prune(ckpt_dir: Path, keep_last: int, newest: int) -> None:
+    """Keep the checkpoint just saved and the ``keep_last - 1`` before it. Directories of
+    later steps (left by a damaged checkpoint that resume skipped) are not this run's
+    to judge, and are replaced when the run reaches their step."""
+    older = [p for p in complete_checkpoints(ckpt_dir) if _step_of(p) < newest]
+    for p in older[:max(0, len(older) - (keep_last - 1))]:
         shutil.rmtree(p, ignore_errors=True)
     for p in ckpt_dir.glob(f"{STEP_PREFIX}*{INCOMPLETE}"):
         shutil.rmtree(p, ignore_errors=True)

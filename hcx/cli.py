@@ -68,8 +68,7 @@ def cmd_recipe(args: argparse.Namespace, argv: list[str]) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hcx",
-        description="hcx: Korean-English bilingual LLMs on megatron-core "
-                    "(pretraining, post-training, evaluation).",
+        description="hcx: Korean-English bilingual LLMs on megatron-core.",
     )
     parser.add_argument("--data-dir", help="data root for data:// paths "
                         "(default: $HCX_DATA_DIR, then ../shared/data)")
@@ -118,24 +117,23 @@ def main(argv: list[str] | None = None) -> int:
     paths.set_data_root(args.data_dir)
     if args.data_dir:
         os.environ["HCX_DATA_DIR"] = args.data_dir  # reaches torchrun children too
-    from hcx.checkpoint import CheckpointError
-    from hcx.data import DataError
-    from hcx.train import NonFiniteLoss, Stopped
+    from hcx.errors import HcxError
+    from hcx.train import Stopped
 
     try:
         return args.func(args, argv)
     except RecipeError as e:
         print(f"hcx: {e}", file=sys.stderr)
         return 2
-    except (DataError, CheckpointError, NonFiniteLoss, FileNotFoundError) as e:
-        rank = os.environ.get("RANK")
-        prefix = f"hcx [rank {rank}]" if rank not in (None, "0") else "hcx"
-        print(f"{prefix}: error: {e}", file=sys.stderr)
-        return 1
     except Stopped as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"hcx: {e}", file=sys.stderr)
         return 128 + e.signum
+    except (HcxError, FileNotFoundError) as e:
+        rank = os.environ.get("RANK")
+        prefix = f"hcx [rank {rank}]" if rank not in (None, "0") else "hcx"
+        print(f"{prefix}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("hcx: interrupted", file=sys.stderr)
         return 130

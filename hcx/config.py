@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import copy
 import difflib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from hcx.errors import HcxError
 
-class RecipeError(ValueError):
+
+class RecipeError(HcxError, ValueError):
     """A recipe that cannot run. The message names the key and its origin."""
 
 
@@ -115,7 +116,7 @@ class TrainConfig(_Strict):
     min_lr: float = Field(default=0.0, ge=0)
     warmup_steps: int = Field(default=0, ge=0)
     decay_style: Literal["cosine", "linear", "constant"] = "cosine"
-    decay_steps: int | None = Field(default=None, description="None = train.steps")
+    decay_steps: int | None = Field(default=None, gt=0, description="None = train.steps")
     weight_decay: float = Field(default=0.1, ge=0)
     adam_beta1: float = Field(default=0.9, ge=0, lt=1)
     adam_beta2: float = Field(default=0.95, ge=0, lt=1)
@@ -212,8 +213,16 @@ def _combination_errors(r: Recipe) -> list[tuple[str, str]]:
           f"train.micro_batch_size * parallel.dp = {t.micro_batch_size * p.dp}")
     check(t.min_lr <= t.lr, "train.min_lr", f"train.min_lr={t.min_lr} exceeds train.lr={t.lr}")
     decay = t.decay_steps or t.steps
-    check(t.warmup_steps <= decay, "train.warmup_steps",
-          f"train.warmup_steps={t.warmup_steps} exceeds the decay length {decay}")
+    check(t.warmup_steps < decay, "train.warmup_steps",
+          f"train.warmup_steps={t.warmup_steps} must be less than the decay length {decay} "
+          "(train.decay_steps, or train.steps when unset)")
+    split = [float(x) for x in r.data.split.replace("/", ",").split(",") if x.strip()]
+    check(len(split) == 3 and all(x >= 0 for x in split) and split[0] > 0, "data.split",
+          f"data.split={r.data.split!r} must be three non-negative weights 'train,valid,test' "
+          "with train > 0")
+    check(not (r.data.eval_every and len(split) == 3 and split[1] == 0), "data.eval_every",
+          f"data.eval_every={r.data.eval_every} needs a validation part in data.split "
+          f"(got {r.data.split!r}); set data.eval_every=0 or e.g. data.split=98,2,0")
     names = [s.name for s in r.data.sources]
     dup = sorted({n for n in names if names.count(n) > 1})
     check(not dup, "data.sources", f"duplicate source names: {dup}")
@@ -221,16 +230,6 @@ def _combination_errors(r: Recipe) -> list[tuple[str, str]]:
 
 
 # --- loading ----------------------------------------------------------------------
-
-
-@dataclass
-class _Origin:
-    """Where a key's value came from, for error messages."""
-
-    where: str  # "recipes/tiny.yaml:12" or "override 'train.lr=abc'"
-
-    def __str__(self) -> str:
-        return self.where
 
 
 def _line_map(node: yaml.Node, path: str, prefix: str = "", out: dict | None = None) -> dict:
@@ -309,8 +308,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def _apply_override(data: dict, parts: list[str], value: Any, text: str) -> None:
     cur: Any = data
-    for i, part in enumerate(parts[:-1]):
-        if isinstance(cur, list) and part.isdigit() and int(part) < len(cur):
+    for i, part in enumerate(parts):
+        if isinstance(cur, list) and not (part.isdigit() and int(part) < len(cur)):
+            raise RecipeError(f"override {text!r}: '{'.'.join(parts[:i])}' has {len(cur)} items, "
+                              f"so '{part}' is not a valid index (0-{len(cur) - 1})")
+        if i == len(parts) - 1:
+            break
+        if isinstance(cur, list):
             cur = cur[int(part)]
             continue
         if not isinstance(cur, dict):

@@ -34,7 +34,6 @@ Patched spots (observed in megatron-core 0.16.1; every one raises
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from typing import Any
 
@@ -111,17 +110,3 @@ def enable() -> bool:
         _mode.__enter__()
         _enabled = True
     return True
-
-
-@contextlib.contextmanager
-def suspended():
-    """Temporarily leave the device-rewriting mode (e.g. for code that must see
-    the real torch semantics). Patches to functions stay in place."""
-    if _mode is None:
-        yield
-        return
-    _mode.__exit__(None, None, None)
-    try:
-        yield
-    finally:
-        _mode.__enter__()

@@ -12,6 +12,7 @@ uninterrupted run would have read.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -23,11 +24,12 @@ import numpy as np
 import torch
 
 from hcx.config import DataSource, Recipe
+from hcx.errors import HcxError
 from hcx.paths import resolve
 from hcx.tokenization import Tokenizer
 
 
-class DataError(ValueError):
+class DataError(HcxError, ValueError):
     """Bad input data; the message names the file and line."""
 
 
@@ -106,9 +108,12 @@ def _cache_prefix(source: DataSource, tokenizer: Tokenizer, cache_dir: Path) -> 
     return cache_dir / "tokens" / f"{source.name}-{digest}"
 
 
-def materialize_sources(recipe: Recipe, tokenizer: Tokenizer, is_writer: bool) -> list[str]:
+def materialize_sources(recipe: Recipe, tokenizer: Tokenizer) -> list[str]:
     """Dataset prefixes of all sources, tokenizing raw files into the cache first.
-    Only the writer rank tokenizes; the caller makes the others wait (barrier)."""
+
+    Every process may call this at once (before any process group exists): a file lock
+    per source lets one tokenize while the others wait, then find the finished files.
+    """
     prefixes = []
     for source in recipe.data.sources:
         if source.prefix is not None:
@@ -121,10 +126,13 @@ def materialize_sources(recipe: Recipe, tokenizer: Tokenizer, is_writer: bool) -
                     )
         else:
             prefix = _cache_prefix(source, tokenizer, recipe.data_cache_dir)
-            if is_writer and not Path(str(prefix) + ".idx").exists():
-                texts = read_texts(resolve(source.path), source.text_field)
-                docs = (tokenizer.encode(t) + [tokenizer.eod] for t in texts)
-                write_indexed_dataset(docs, prefix, tokenizer.vocab_size)
+            prefix.parent.mkdir(parents=True, exist_ok=True)
+            with open(str(prefix) + ".lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not Path(str(prefix) + ".idx").exists():
+                    texts = read_texts(resolve(source.path), source.text_field)
+                    docs = (tokenizer.encode(t) + [tokenizer.eod] for t in texts)
+                    write_indexed_dataset(docs, prefix, tokenizer.vocab_size)
         prefixes.append(str(prefix))
     return prefixes
 
@@ -200,6 +208,8 @@ def build_datasets(recipe: Recipe, prefixes: list[str], tokenizer: Tokenizer) ->
         blend=(prefixes, weights if len(prefixes) > 1 else None),
         split=d.split,
         path_to_cache=str(recipe.data_cache_dir / "indices"),
+        # pad == eod (a tokenizer without a pad token) is safe: megatron then treats
+        # the pad as absent (allow_ambiguous_pad_tokens=False), tested in test_units.
         tokenizer=_TokenizerInfo(tokenizer.vocab_size, tokenizer.eod, tokenizer.pad,
                                  tokenizer.fingerprint()),
         reset_position_ids=False,
@@ -219,15 +229,15 @@ def build_datasets(recipe: Recipe, prefixes: list[str], tokenizer: Tokenizer) ->
     return Datasets(train=train, valid=valid if n_valid else None)
 
 
-def microbatches(dataset, step: int, global_batch: int, micro_batch: int, dp: int,
+def microbatches(dataset, first_sample: int, global_batch: int, micro_batch: int, dp: int,
                  dp_rank: int) -> list[dict[str, torch.Tensor]]:
-    """This DP rank's micro-batches for optimizer step ``step``.
+    """This DP rank's micro-batches for the global batch starting at ``first_sample``.
 
     As megatron's pretraining sampler: the global batch is the consecutive samples
-    ``[step*G, (step+1)*G)``, taken ``micro_batch*dp`` at a time, each DP rank
-    getting its slice; so any DP size sees the same global batch.
+    ``[first_sample, first_sample + G)``, taken ``micro_batch*dp`` at a time, each DP
+    rank getting its slice; so any DP size sees the same global batch.
     """
-    start = step * global_batch
+    start = first_sample
     out = []
     for k in range(global_batch // (micro_batch * dp)):
         first = start + k * micro_batch * dp + dp_rank * micro_batch

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from hcx.parallel import device
 from hcx.train import Engine
 
 
@@ -21,7 +22,7 @@ def logits(engine: Engine, tokens: torch.Tensor, vocab_size: int | None = None) 
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     b, s = tokens.shape
-    dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    dev = device()
     position_ids = torch.arange(s).unsqueeze(0).expand(b, s)
 
     def forward_step(it, model):
@@ -42,9 +43,12 @@ def logits(engine: Engine, tokens: torch.Tensor, vocab_size: int | None = None) 
         )
     finally:
         engine.ddp.train()
-    full_vocab = engine.vocab_size
-    result = outputs[0].to("cpu") if engine.topo.is_last_stage else torch.empty(b, s, full_vocab)
-    if engine.topo.pp > 1:
+    if engine.topo.is_last_stage:
+        result = outputs[0].contiguous()
+    else:
+        result = torch.empty(b, s, engine.vocab_size, device=dev)
+    if engine.topo.pp > 1:  # on the device: NCCL broadcasts GPU tensors only
         dist.broadcast(result, src=ps.get_pipeline_model_parallel_last_rank(),
                        group=ps.get_pipeline_model_parallel_group())
+    result = result.to("cpu")
     return result[..., :vocab_size] if vocab_size else result

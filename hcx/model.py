@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from hcx.config import ModelConfig, ParallelConfig
+from hcx.errors import LaunchError
 
 
 class RMSNorm(torch.nn.Module):
@@ -86,7 +87,7 @@ def have_transformer_engine() -> bool:
 def use_transformer_engine(model: ModelConfig) -> bool:
     if model.transformer_impl == "transformer_engine":
         if not have_transformer_engine():
-            raise RuntimeError(
+            raise LaunchError(
                 "model.transformer_impl=transformer_engine but Transformer Engine is not "
                 "installed (or no GPU); use 'auto' or 'local'"
             )
@@ -131,9 +132,10 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, dtype: torc
         pipeline_dtype=dtype,
         autocast_dtype=dtype,
         use_cpu_initialization=not torch.cuda.is_available(),
-        # Fusions that need CUDA kernels (apex / TE) only where those exist.
+        # Off: these need megatron's compiled CUDA extensions, which a pip install of
+        # megatron-core does not build (attention is fused by SDPA or TE instead).
         bias_activation_fusion=False,
-        masked_softmax_fusion=torch.cuda.is_available(),
+        masked_softmax_fusion=False,
         gradient_accumulation_fusion=False,
         apply_rope_fusion=False,
         persist_layer_norm=False,

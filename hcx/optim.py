@@ -66,6 +66,8 @@ def build_scheduler(recipe: Recipe, optimizer):
         end_wd=t.weight_decay,
         wd_incr_steps=decay_steps * gbs,
         wd_incr_style="constant",
-        use_checkpoint_opt_param_scheduler=True,
-        override_opt_param_scheduler=False,
+        # The recipe defines the schedule; a checkpoint only restores the position in it
+        # (so raising train.steps on resume stretches the decay, as users expect).
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
     )

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from hcx import cpu_compat, mcore_fixes
 from hcx.config import ParallelConfig
+from hcx.errors import LaunchError
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ def initialize(parallel: ParallelConfig, seed: int, timeout_minutes: int = 30) -
                                     world_size=1, timeout=timeout)
     world = dist.get_world_size()
     if world != parallel.world_size:
-        raise RuntimeError(
+        raise LaunchError(
             f"the recipe needs tp*pp*dp = {parallel.tp}*{parallel.pp}*{parallel.dp} = "
             f"{parallel.world_size} processes but {world} were started; set parallel.dp or "
             f"launch with --nproc-per-node {parallel.world_size}"

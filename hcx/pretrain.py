@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch.distributed as dist
-
 from hcx.config import Recipe
 from hcx.data import DataError, build_datasets, materialize_sources
 from hcx.parallel import shutdown
@@ -25,20 +23,25 @@ def model_vocab_size(recipe: Recipe, tokenizer_vocab: int) -> int:
 
 def run(recipe: Recipe) -> list[dict]:
     tokenizer = load_tokenizer(recipe.data.tokenizer)
-    engine = build_engine(recipe, model_vocab_size(recipe, tokenizer.vocab_size))
+    vocab = model_vocab_size(recipe, tokenizer.vocab_size)
+    # Before the process group exists: tokenizing a large raw source can take longer
+    # than any collective timeout (processes coordinate through a file lock instead).
+    prefixes = materialize_sources(recipe, tokenizer)
+    engine = build_engine(recipe, vocab)
     try:
-        out = Path(recipe.output_dir)
         if engine.topo.rank == 0:
+            out = Path(recipe.output_dir)
             out.mkdir(parents=True, exist_ok=True)
             (out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=1, ensure_ascii=False))
-            prefixes = materialize_sources(recipe, tokenizer, is_writer=True)
-        dist.barrier()
-        if engine.topo.rank != 0:
-            prefixes = materialize_sources(recipe, tokenizer, is_writer=False)
         datasets = build_datasets(recipe, prefixes, tokenizer)
         restore(engine)
         task = PretrainTask(engine, datasets.train)
-        valid = PretrainTask(engine, datasets.valid) if datasets.valid is not None else None
-        return train(engine, task, valid)
+        valid = None
+        if datasets.valid is not None:
+            valid = PretrainTask(engine, datasets.valid, held_out=True)
+        records = train(engine, task, valid)
+        engine.log(f"done: metrics in {Path(recipe.output_dir) / 'metrics.jsonl'}, "
+                   f"checkpoints in {recipe.checkpoint_dir}")
+        return records
     finally:
         shutdown()

@@ -21,16 +21,17 @@ import torch.distributed as dist
 from hcx import checkpoint as ckpt
 from hcx import metrics as M
 from hcx.config import Recipe
+from hcx.errors import HcxError
 from hcx.model import build_gpt, compute_dtype, padded_vocab_size
 from hcx.optim import build_optimizer, build_scheduler, wrap_ddp
-from hcx.parallel import Topology, initialize
+from hcx.parallel import Topology, device, initialize
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(HcxError, RuntimeError):
     pass
 
 
-class Stopped(RuntimeError):
+class Stopped(HcxError, RuntimeError):
     """SIGTERM/SIGINT arrived; a checkpoint of the last finished step was saved."""
 
     def __init__(self, message: str, signum: int):
@@ -57,10 +58,14 @@ class _StopSignals:
         return self
 
     def _handle(self, signum, frame):
+        import signal
+
         self.signum = signum
+        # A second signal is not ignored: it gets the usual behaviour (for a hung step).
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
 
     def agreed(self) -> int:
-        flag = torch.tensor([self.signum], dtype=torch.int64)
+        flag = torch.tensor([self.signum], dtype=torch.int64, device=device())
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag.item())
@@ -98,6 +103,7 @@ class Engine:
     vocab_size: int
     log: Callable[[str], None] = print
     start_step: int = 0
+    consumed_samples: int = 0  # data position at start_step
 
 
 def rank0_print() -> Callable[[str], None]:
@@ -141,23 +147,53 @@ def build_engine(recipe: Recipe, vocab_size: int, with_optimizer: bool = True) -
 def restore(engine: Engine) -> None:
     """Resume from the newest complete checkpoint, or load ``init_from`` weights."""
     r = engine.recipe
-    found_path: list[Any] = [None]
-    if r.checkpoint.resume and engine.topo.rank == 0:
+
+    def find() -> str | None:
+        if not r.checkpoint.resume:
+            existing = ckpt.complete_checkpoints(r.checkpoint_dir)
+            if existing:
+                raise ckpt.CheckpointError(
+                    f"{r.checkpoint_dir} already holds checkpoints (newest {existing[-1].name}) "
+                    "and checkpoint.resume is false: use a new output_dir or checkpoint.dir, "
+                    "remove them, or set checkpoint.resume=true"
+                )
+            return None
         found = ckpt.find_resumable(r.checkpoint_dir, log=engine.log)
-        found_path[0] = str(found.path) if found else None
-    if dist.is_initialized():
-        dist.broadcast_object_list(found_path, src=0)
-    if found_path[0] is not None:
-        path = Path(found_path[0])
-        meta = ckpt.load(path, engine.model, engine.optimizer, engine.scheduler, log=engine.log)
+        return str(found.path) if found else None
+
+    found = ckpt.on_rank0(find, "looking for a checkpoint to resume from")
+    if found is not None:
+        meta = ckpt.load(Path(found), engine.model, engine.optimizer, engine.scheduler,
+                         log=engine.log)
         engine.start_step = meta["step"]
-        engine.log(f"checkpoint: resumed from {path} at step {meta['step']}")
+        engine.consumed_samples = meta.get("consumed_samples", meta["step"] * r.train.global_batch_size)
+        _warn_on_changed_recipe(engine, meta.get("recipe", {}))
+        engine.log(f"checkpoint: resumed from {found} at step {meta['step']}")
     elif r.checkpoint.init_from:
         from hcx.paths import resolve
 
         path = resolve(r.checkpoint.init_from)
         ckpt.load(path, engine.model, None, None, restore_rng=False, log=engine.log)
+        if engine.optimizer is not None:
+            # The optimizer's fp32 main weights were copied from the random init when it
+            # was built; with bf16 its first step would write them back over the loaded ones.
+            engine.optimizer.reload_model_params()
         engine.log(f"checkpoint: initialized weights from {path}")
+
+
+def _warn_on_changed_recipe(engine: Engine, saved: dict) -> None:
+    """Resuming with another schedule or data is allowed (that is how runs are extended),
+    but it is not the uninterrupted run any more: say what changed."""
+    now = engine.recipe.to_dict()
+    keys = [("train", "steps"), ("train", "global_batch_size"), ("train", "seed"),
+            ("train", "lr"), ("train", "min_lr"), ("train", "decay_style"),
+            ("train", "decay_steps"), ("train", "warmup_steps"), ("data", "sources"),
+            ("data", "split"), ("data", "seq_length"), ("data", "tokenizer")]
+    changed = [f"{a}.{b}" for a, b in keys if saved.get(a, {}).get(b) != now[a][b]]
+    if saved and changed:
+        engine.log(f"checkpoint: resuming with changed {', '.join(changed)}: the LR schedule "
+                   "follows the recipe from the saved position; sample order may differ from "
+                   "an uninterrupted run where data repeats")
 
 
 def _reduce_loss(engine: Engine, losses: list[dict[str, torch.Tensor]]) -> dict[str, float]:
@@ -172,11 +208,12 @@ def _reduce_loss(engine: Engine, losses: list[dict[str, torch.Tensor]]) -> dict[
         dist.broadcast_object_list(names, src=ps.get_pipeline_model_parallel_last_rank(),
                                    group=ps.get_pipeline_model_parallel_group())
     keys = names[0]
-    totals = torch.zeros(len(keys), 2, dtype=torch.float64)
+    # On the device: NCCL only reduces GPU tensors.
+    totals = torch.zeros(len(keys), 2, dtype=torch.float64, device=device())
     if engine.topo.is_last_stage:
         for mb in losses:
             for i, k in enumerate(keys):
-                totals[i] += mb[k].detach().to("cpu", torch.float64)
+                totals[i] += mb[k].detach().to(totals.device, torch.float64)
         if engine.topo.dp > 1:
             dist.all_reduce(totals, group=ps.get_data_parallel_group())
     if engine.topo.pp > 1:
@@ -223,10 +260,10 @@ def train(engine: Engine, task: Task, valid_task: Task | None = None) -> list[di
         engine.log(f"nothing to do: the run is already at step {engine.start_step} of {t.steps} "
                    "(raise train.steps to continue)")
     def save(done: int) -> None:
+        consumed = engine.consumed_samples + (done - engine.start_step) * t.global_batch_size
         path = ckpt.save(r.checkpoint_dir, done, engine.model, engine.optimizer,
-                         engine.scheduler, {"consumed_samples": done * t.global_batch_size,
-                                            "recipe": r.to_dict()},
-                         r.checkpoint.keep_last, log=engine.log)
+                         engine.scheduler, {"consumed_samples": consumed, "recipe": r.to_dict()},
+                         r.checkpoint.keep_last)
         if logger:
             logger.write(f"checkpoint: saved {path}")
 
@@ -274,7 +311,7 @@ def train(engine: Engine, task: Task, valid_task: Task | None = None) -> list[di
                 if saved:
                     save(done)
                 signum = signals.agreed()
-                if signum:
+                if signum and done < t.steps:  # after the last step there is nothing to stop
                     if not saved:
                         save(done)
                     raise Stopped(f"stopped by signal {signum} after step {done}; its checkpoint is "
@@ -308,12 +345,14 @@ class PretrainTask:
     def microbatches(self, step: int):
         from hcx.data import microbatches
 
-        r, topo = self.engine.recipe, self.engine.topo
-        return microbatches(self.dataset, step, r.train.global_batch_size,
-                            r.train.micro_batch_size, topo.dp, topo.dp_rank)
+        e = self.engine
+        g = e.recipe.train.global_batch_size
+        first = e.consumed_samples + (step - e.start_step) * g  # the data position
+        return microbatches(self.dataset, first, g, e.recipe.train.micro_batch_size,
+                            e.topo.dp, e.topo.dp_rank)
 
     def forward_step(self, model, batch):
-        dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        dev = device()
         tokens = batch["tokens"].to(dev, non_blocking=True)
         labels = batch["labels"].to(dev, non_blocking=True)
         output = model(tokens, batch["position_ids"].to(dev), None, labels=labels)

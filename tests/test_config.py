@@ -92,7 +92,7 @@ def test_impossible_combinations(overrides, needle):
 
 def test_combination_error_names_recipe_line():
     with pytest.raises(RecipeError) as e:
-        load_recipe(TINY, ["train.steps=3"])  # warmup (5) > decay length (3)
+        load_recipe(TINY, ["train.steps=5"])  # warmup (5) must be < decay length (5)
     assert f"{TINY}:" in str(e.value) and "train.warmup_steps" in str(e.value)
 
 
@@ -109,6 +109,17 @@ def test_missing_file_and_bad_yaml(tmp_path):
     p = write(tmp_path, "broken.yaml", "model: [1, 2\n")
     with pytest.raises(RecipeError, match="invalid YAML"):
         load_recipe(p)
+
+
+def test_override_list_index_out_of_range():
+    with pytest.raises(RecipeError, match=r"'data.sources' has 4 items, so '5' is not a valid index"):
+        load_recipe(TINY, ["data.sources.5.weight=1"])
+
+
+def test_eval_needs_a_validation_split():
+    with pytest.raises(RecipeError, match="data.eval_every=25 needs a validation part"):
+        load_recipe(TINY, ["data.split=100,0,0"])
+    load_recipe(TINY, ["data.split=100,0,0", "data.eval_every=0"])
 
 
 def test_bad_override_syntax():

@@ -193,7 +193,8 @@ def test_sigterm_saves_and_resumes(reference, tmp_path, layout):
     stopped = int(m.group(1))
     assert stopped < 6
     assert (run / "checkpoints" / "latest").read_text().strip() == ckpt.step_dir_name(stopped)
-    hcx("pretrain", *args)
+    resumed = hcx("pretrain", *args)
+    assert f"at step {stopped}" in resumed.stdout  # it resumed from the SIGTERM checkpoint
     got = losses(run)
     assert sorted(got) == [1, 2, 3, 4, 5, 6]
     ref = reference["losses"]
@@ -211,3 +212,47 @@ def test_bf16_path_trains_and_resumes_across_layouts(reference, tmp_path):
     got, ref = losses(run), reference["losses"]
     assert sorted(got) == [1, 2, 3, 4, 5, 6]
     assert all(abs(got[s] - ref[s]) < 0.05 for s in got), (got, ref)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_init_from_loads_weights_into_a_fresh_run(reference, tmp_path, precision):
+    """Weights only, fresh optimizer at step 0. Under bf16 the optimizer's fp32 main
+    weights must be reloaded too, or its first update restores the random init."""
+    final = reference["run"] / "checkpoints" / ckpt.step_dir_name(6)
+    proc = hcx("pretrain", str(reference["recipe"]), f"output_dir={tmp_path / 'run'}",
+               f"checkpoint.init_from={final}", "train.steps=3", f"train.precision={precision}")
+    assert f"initialized weights from {final}" in proc.stdout
+    got, ref = losses(tmp_path / "run"), reference["losses"]
+    # Step 1 trains at lr 0 (warm-up); step 2 and 3 start from trained weights, far
+    # below the random-init loss of the reference's first step.
+    assert all(got[s] < ref[1] - 0.3 for s in (1, 2, 3)), (got, ref)
+
+
+def test_extending_a_finished_run_follows_the_new_schedule(reference, tmp_path):
+    run = tmp_path / "run"
+    start_from(reference, 6, run)
+    proc = hcx("pretrain", str(reference["recipe"]), f"output_dir={run}", "train.steps=8")
+    assert "resuming with changed train.steps" in proc.stdout
+    records = {json.loads(x)["step"]: json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()}
+    # cosine from 3e-3 to 3e-4 over steps 2..8 (2 warm-up steps): at step 7, 4 of 6 decay steps done
+    import math
+    expected = 3e-4 + (3e-3 - 3e-4) * 0.5 * (1 + math.cos(math.pi * 4 / 6))
+    assert records[7]["lr"] == pytest.approx(expected, rel=1e-6)
+    assert sorted(records) == [7, 8]
+
+
+def test_resume_false_refuses_to_mix_runs(reference):
+    proc = hcx("pretrain", str(reference["recipe"]), f"output_dir={reference['run']}",
+               "checkpoint.resume=false", check=False)
+    assert proc.returncode == 1
+    assert "already holds checkpoints (newest step_00000006)" in proc.stderr
+
+
+def test_prune_keeps_the_new_checkpoint_and_leaves_later_steps(tmp_path):
+    for step in (4, 6, 8, 90, 100):
+        (tmp_path / ckpt.step_dir_name(step)).mkdir()
+    (tmp_path / (ckpt.step_dir_name(10) + ckpt.INCOMPLETE)).mkdir()
+    ckpt._prune(tmp_path, keep_last=2, newest=8)
+    # the new one and one before it; later steps untouched; interrupted saves removed
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ckpt.step_dir_name(s) for s in (6, 8, 90, 100)]

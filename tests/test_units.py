@@ -112,12 +112,12 @@ def test_microbatches_same_global_batch_for_any_dp():
     def samples(dp):
         seen = []
         for rank in range(dp):
-            for mb in microbatches(dataset, step=3, global_batch=8, micro_batch=2, dp=dp, dp_rank=rank):
+            for mb in microbatches(dataset, first_sample=24, global_batch=8, micro_batch=2, dp=dp, dp_rank=rank):
                 seen += mb["tokens"][:, 0].tolist()
         return sorted(seen)
 
     assert samples(1) == samples(2) == samples(4) == list(range(24, 32))
-    mbs = microbatches(dataset, step=0, global_batch=8, micro_batch=2, dp=2, dp_rank=1)
+    mbs = microbatches(dataset, first_sample=0, global_batch=8, micro_batch=2, dp=2, dp_rank=1)
     assert [mb["tokens"][:, 0].tolist() for mb in mbs] == [[2, 3], [6, 7]]
 
 
@@ -130,3 +130,29 @@ def test_empty_split_is_an_error_not_a_hang(tmp_path, prepared_prefix):
     assert proc.returncode == 1
     assert "data source 'ko_kolaw' has 12 documents" in proc.stderr
     assert "leaves none for its validation split" in proc.stderr
+
+
+def test_pad_equal_to_eod_does_not_mask_document_ends(tmp_path, prepared_prefix):
+    """A tokenizer without a pad token reports pad == eod: end-of-document targets must
+    still be trained (megatron 0.16 treats such an ambiguous pad as absent)."""
+    from hcx.config import load_recipe
+    from hcx.data import build_datasets
+    from tests.conftest import small_recipe
+
+    recipe = load_recipe(small_recipe(tmp_path / "r.yaml", tmp_path / "run", prepared_prefix),
+                         ["data.sources.1.weight=0.001", "train.steps=400"])  # cross several documents
+    from hcx import parallel
+
+    tok = ByteTokenizer(pad=257)  # pad == eod == 257
+    parallel.initialize(recipe.parallel, seed=1)  # megatron's builder expects a process group
+    try:
+        ds = build_datasets(recipe, [str(prepared_prefix), str(prepared_prefix)], tok).train
+    finally:
+        parallel.shutdown()
+    hits = 0
+    for i in range(len(ds)):
+        sample = ds[i]
+        at_eod = np.asarray(sample["labels"]) == 257
+        hits += int(at_eod.sum())
+        assert np.all(np.asarray(sample["loss_mask"])[at_eod] == 1.0)
+    assert hits > 0

@@ -1,0 +1,11 @@
+"""User-facing errors. The CLI prints their message (no traceback) and exits non-zero;
+each names what is at fault: the recipe key and file, the data file and line, the
+checkpoint, or the step."""
+
+
+class HcxError(Exception):
+    """Base of every error hcx reports to users as a message."""
+
+
+class LaunchError(HcxError, RuntimeError):
+    """The processes or the machine do not match the recipe (world size, Transformer Engine)."""
