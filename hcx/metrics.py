@@ -89,7 +89,8 @@ class MetricsLogger:
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in short.items()}, refresh=False)
         if step % self.log_every == 0 or step == self.total_steps:
             parts = [f"step {step}"] + [_fmt(k, record[k]) for k in
-                                        ("loss", "lr", "grad_norm", "tokens_per_s", "tflops", "mfu")
+                                        ("loss", "valid/loss", "lr", "grad_norm", "tokens_per_s",
+                                         "tflops", "mfu")
                                         if k in record]
             self.write(" | ".join(parts))
 

@@ -336,18 +336,23 @@ def lm_loss(loss_mask: torch.Tensor, output: torch.Tensor):
 
 
 class PretrainTask:
-    """Next-token prediction on blended megatron GPT samples."""
+    """Next-token prediction on blended megatron GPT samples. Training batches follow
+    the run's data position; ``held_out`` (validation) batches always start at 0."""
 
-    def __init__(self, engine: Engine, dataset):
+    def __init__(self, engine: Engine, dataset, held_out: bool = False):
         self.engine = engine
         self.dataset = dataset
+        self.held_out = held_out
 
     def microbatches(self, step: int):
         from hcx.data import microbatches
 
         e = self.engine
         g = e.recipe.train.global_batch_size
-        first = e.consumed_samples + (step - e.start_step) * g  # the data position
+        if self.held_out:
+            first = step * g
+        else:
+            first = e.consumed_samples + (step - e.start_step) * g  # the data position
         return microbatches(self.dataset, first, g, e.recipe.train.micro_batch_size,
                             e.topo.dp, e.topo.dp_rank)
 

@@ -31,9 +31,9 @@ def test_base_inheritance_deep_merges(tmp_path):
 def test_base_chain_relative_paths(tmp_path):
     (tmp_path / "sub").mkdir()
     write(tmp_path, "mid.yaml", f"base: {TINY}\ntrain:\n  lr: 1.0e-3\n")
-    leaf = write(tmp_path / "sub", "leaf.yaml", "base: ../mid.yaml\ntrain:\n  steps: 7\n")
+    leaf = write(tmp_path / "sub", "leaf.yaml", "base: ../mid.yaml\ntrain:\n  steps: 70\n")
     r = load_recipe(leaf)
-    assert (r.train.lr, r.train.steps) == (1e-3, 7)
+    assert (r.train.lr, r.train.steps) == (1e-3, 70)
 
 
 def test_overrides_parse_yaml_values():
@@ -92,7 +92,7 @@ def test_impossible_combinations(overrides, needle):
 
 def test_combination_error_names_recipe_line():
     with pytest.raises(RecipeError) as e:
-        load_recipe(TINY, ["train.steps=5"])  # warmup (5) must be < decay length (5)
+        load_recipe(TINY, ["train.steps=10"])  # warmup (10) must be < decay length (10)
     assert f"{TINY}:" in str(e.value) and "train.warmup_steps" in str(e.value)
 
 
@@ -117,7 +117,7 @@ def test_override_list_index_out_of_range():
 
 
 def test_eval_needs_a_validation_split():
-    with pytest.raises(RecipeError, match="data.eval_every=25 needs a validation part"):
+    with pytest.raises(RecipeError, match="data.eval_every=50 needs a validation part"):
         load_recipe(TINY, ["data.split=100,0,0"])
     load_recipe(TINY, ["data.split=100,0,0", "data.eval_every=0"])
 

@@ -256,3 +256,14 @@ def test_prune_keeps_the_new_checkpoint_and_leaves_later_steps(tmp_path):
     # the new one and one before it; later steps untouched; interrupted saves removed
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         ckpt.step_dir_name(s) for s in (6, 8, 90, 100)]
+
+
+def test_validation_loss_is_logged_on_held_out_data(reference, tmp_path):
+    run = tmp_path / "run"
+    hcx("pretrain", str(reference["recipe"]), f"output_dir={run}", "data.split=50,50,0",
+        "data.eval_every=2", "data.eval_batches=2", "train.steps=4", "parallel.pp=2")
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    valid = {r["step"]: r["valid/loss"] for r in records if "valid/loss" in r}
+    assert sorted(valid) == [2, 4]
+    assert all(4.0 < v < 7.0 for v in valid.values())
+    assert valid[4] != valid[2]  # the same held-out batches, a model that changed
