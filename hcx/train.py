@@ -9,6 +9,8 @@ guard) lives here once.
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -49,17 +51,12 @@ class _StopSignals:
         self._previous = {}
 
     def __enter__(self):
-        import signal
-        import threading
-
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        import signal
-
         self.signum = signum
         # A second signal is not ignored: it gets the usual behaviour (for a hung step).
         signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
@@ -71,8 +68,6 @@ class _StopSignals:
         return int(flag.item())
 
     def __exit__(self, *exc):
-        import signal
-
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
@@ -89,6 +84,12 @@ class Task(Protocol):
         {"loss": tensor([sum, count]), ...})``."""
 
 
+def log_rank0(msg: str) -> None:
+    """Print once per job, not once per process."""
+    if (dist.get_rank() if dist.is_initialized() else 0) == 0:
+        print(msg, flush=True)
+
+
 @dataclass
 class Engine:
     """The model and its optimizer on this rank, ready to train or to run."""
@@ -101,23 +102,14 @@ class Engine:
     scheduler: Any
     dtype: torch.dtype
     vocab_size: int
-    log: Callable[[str], None] = print
+    log: Callable[[str], None] = log_rank0
     start_step: int = 0
     consumed_samples: int = 0  # data position at start_step
-
-
-def rank0_print() -> Callable[[str], None]:
-    def log(msg: str) -> None:
-        if (dist.get_rank() if dist.is_initialized() else 0) == 0:
-            print(msg, flush=True)
-
-    return log
 
 
 def build_engine(recipe: Recipe, vocab_size: int, with_optimizer: bool = True) -> Engine:
     """Initialize distributed state and build model (+ optimizer and schedule)."""
     topo = initialize(recipe.parallel, recipe.train.seed)
-    log = rank0_print()
     dtype = compute_dtype(recipe.train.precision)
     padded = padded_vocab_size(vocab_size, recipe.parallel.tp)
     model = build_gpt(recipe.model, recipe.parallel, padded, recipe.data.seq_length, dtype,
@@ -141,7 +133,7 @@ def build_engine(recipe: Recipe, vocab_size: int, with_optimizer: bool = True) -
         # across pipeline stages and sequence-parallel norms) after the backward pass.
         model.config.finalize_model_grads_func = finalize_model_grads
         model.config.grad_scale_func = optimizer.scale_loss
-    return Engine(recipe, topo, model, ddp, optimizer, scheduler, dtype, padded, log)
+    return Engine(recipe, topo, model, ddp, optimizer, scheduler, dtype, padded)
 
 
 def restore(engine: Engine) -> None:
