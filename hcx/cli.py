@@ -65,6 +65,24 @@ def cmd_recipe(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def cmd_tokenizer_stats(args: argparse.Namespace, argv: list[str]) -> int:
+    import json
+
+    from hcx import tokenizer_stats as ts
+
+    texts = [ts.read_labelled(spec, args.text_field, args.limit) for spec in args.text]
+    rows = []
+    for spec in args.tokenizers:
+        tok = ts.load(spec)
+        print(f"{tok.name}: {tok.kind}, vocabulary {tok.vocab_size:,}", file=sys.stderr)
+        rows += [ts.measure(tok, label, docs) for label, docs in texts]
+    print(ts.markdown_table(rows))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump([r.to_dict() for r in rows], f, indent=1)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hcx",
@@ -84,6 +102,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.add_argument("--check", action="store_true", help="validate the recipe and exit")
     p.set_defaults(func=cmd_pretrain)
+
+    tok = sub.add_parser("tokenizer", help="tokenizer tools",
+                         description="Tokenizer tools.").add_subparsers(dest="tokenizer_command",
+                                                                         required=True, metavar="COMMAND")
+    p = tok.add_parser(
+        "stats", help="tokens per word/char and bytes per token, side by side",
+        description="Compare tokenizers on labelled text: tokens per word (eojeol for Korean), "
+                    "tokens per non-whitespace character, UTF-8 bytes per token. Tokenizers: "
+                    "'bytes', a SentencePiece .model, a HF tokenizer.json(.xz), a directory with "
+                    "vocab.json+merges.txt or encoder.json+vocab.bpe, or a tiktoken rank file; "
+                    "prefix NAME= to name one. Prints a Markdown table.")
+    p.add_argument("tokenizers", nargs="+", metavar="TOKENIZER")
+    p.add_argument("--text", action="append", required=True, metavar="LABEL=FILE[#FIELD]",
+                   help="JSONL (field FIELD, else --text-field) or plain text; repeat per "
+                        "language, e.g. --text ko=dev.jsonl#kor_Hang --text en=dev.jsonl#eng_Latn")
+    p.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    p.add_argument("--limit", type=int, default=None, help="at most N documents per file")
+    p.add_argument("--json", help="also write the figures as JSON here")
+    p.set_defaults(func=cmd_tokenizer_stats)
 
     p = sub.add_parser("recipe", help="print a recipe after inheritance and overrides",
                        description="Validate a recipe and print it fully resolved.")
