@@ -83,6 +83,26 @@ def cmd_tokenizer_stats(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def cmd_tokenize(args: argparse.Namespace, argv: list[str]) -> int:
+    from hcx import tokenizer_stats as ts
+
+    tok = ts.load(args.tokenizer)
+    stream = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")
+    with stream:
+        for lineno, line in enumerate(stream, 1):
+            line = line.rstrip("\n")
+            if args.decode:
+                try:
+                    ids = [int(x) for x in line.replace(",", " ").replace("[", " ").replace("]", " ").split()]
+                except ValueError:
+                    raise ts.TokenizerLoadError(f"{args.input}:{lineno}: expected token ids, got {line[:60]!r}") from None
+                print(tok.decode(ids))
+            else:
+                ids = tok.encode(line)
+                print(" ".join(map(str, ids)) if not args.count else len(ids))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hcx",
@@ -121,6 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="at most N documents per file")
     p.add_argument("--json", help="also write the figures as JSON here")
     p.set_defaults(func=cmd_tokenizer_stats)
+
+    p = sub.add_parser("tokenize", help="encode or decode text line by line",
+                       description="Encode each input line to token ids (space-separated), or "
+                                   "with --decode turn lines of ids back into text. TOKENIZER "
+                                   "is any format 'hcx tokenizer stats' reads.")
+    p.add_argument("tokenizer", metavar="TOKENIZER")
+    p.add_argument("--input", default="-", help="a text file, or - for standard input (default)")
+    p.add_argument("--decode", action="store_true", help="input lines are token ids")
+    p.add_argument("--count", action="store_true", help="print only the number of tokens per line")
+    p.set_defaults(func=cmd_tokenize)
 
     p = sub.add_parser("recipe", help="print a recipe after inheritance and overrides",
                        description="Validate a recipe and print it fully resolved.")

@@ -39,6 +39,7 @@ class LoadedTokenizer:
     kind: str
     vocab_size: int
     encode: Callable[[str], list[int]]
+    decode: Callable[[list[int]], str]
 
 
 # --- loaders -----------------------------------------------------------------------
@@ -70,7 +71,7 @@ def _tiktoken(path: Path, name: str) -> LoadedTokenizer:
     enc = tiktoken.Encoding(name=name, pat_str=spec["pat_str"], mergeable_ranks=ranks,
                             special_tokens={})
     return LoadedTokenizer(name, f"tiktoken ({style} split)", len(ranks),
-                           lambda text: enc.encode_ordinary(text))
+                           lambda text: enc.encode_ordinary(text), enc.decode)
 
 
 def _hf_json(text: str, name: str) -> LoadedTokenizer:
@@ -78,7 +79,8 @@ def _hf_json(text: str, name: str) -> LoadedTokenizer:
 
     tok = Tokenizer.from_str(text)
     return LoadedTokenizer(name, "HF tokenizer.json", tok.get_vocab_size(with_added_tokens=True),
-                           lambda t: tok.encode(t, add_special_tokens=False).ids)
+                           lambda t: tok.encode(t, add_special_tokens=False).ids,
+                           lambda ids: tok.decode(ids, skip_special_tokens=False))
 
 
 def _byte_level_bpe(vocab: Path, merges: Path, name: str) -> LoadedTokenizer:
@@ -88,14 +90,15 @@ def _byte_level_bpe(vocab: Path, merges: Path, name: str) -> LoadedTokenizer:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     return LoadedTokenizer(name, "byte-level BPE (vocab + merges)", tok.get_vocab_size(),
-                           lambda t: tok.encode(t, add_special_tokens=False).ids)
+                           lambda t: tok.encode(t, add_special_tokens=False).ids, tok.decode)
 
 
 def _sentencepiece(path: Path, name: str) -> LoadedTokenizer:
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=str(path))
-    return LoadedTokenizer(name, "SentencePiece", sp.get_piece_size(), lambda t: sp.encode(t))
+    return LoadedTokenizer(name, "SentencePiece", sp.get_piece_size(), lambda t: sp.encode(t),
+                           lambda ids: sp.decode(ids))
 
 
 def load(spec: str) -> LoadedTokenizer:
@@ -105,7 +108,7 @@ def load(spec: str) -> LoadedTokenizer:
         from hcx.tokenization import ByteTokenizer
 
         bt = ByteTokenizer()
-        return LoadedTokenizer(name or "bytes", "UTF-8 bytes", bt.vocab_size, bt.encode)
+        return LoadedTokenizer(name or "bytes", "UTF-8 bytes", bt.vocab_size, bt.encode, bt.decode)
     path = Path(target)
     generic = path.name.startswith(("tokenizer.", "spiece.")) or path.is_dir()
     name = name or (path.name if path.is_dir() else path.parent.name if generic

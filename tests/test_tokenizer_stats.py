@@ -70,3 +70,27 @@ def test_cli_errors_name_the_input(tmp_path):
     assert proc.returncode == 1 and "no tokenizer.json" in proc.stderr
     proc = hcx("tokenizer", "stats", "bytes", "--text", str(text), check=False)
     assert proc.returncode == 1 and "expected LABEL=PATH" in proc.stderr
+
+
+@pytest.mark.parametrize("name", ["bytes", "qwen3", "llama-2/tokenizer.model",
+                                  "cl100k_base/cl100k_base.tiktoken", "exaone-3.5"])
+def test_tokenize_round_trip(refs, tmp_path, name):
+    spec = name if name == "bytes" else str(refs / name)
+    lines = ["안녕하세요, 한국어 문장입니다.", "def f(x):  return x ** 2  # code", "emoji 🙂 mixed 한글 text"]
+    src = tmp_path / "in.txt"
+    src.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    ids = hcx("tokenize", spec, "--input", str(src)).stdout
+    assert len(ids.splitlines()) == 3
+    (tmp_path / "ids.txt").write_text(ids)
+    back = hcx("tokenize", spec, "--decode", "--input", str(tmp_path / "ids.txt")).stdout
+    assert back.splitlines() == lines
+    tok = ts.load(spec)
+    counts = hcx("tokenize", spec, "--count", "--input", str(src)).stdout.split()
+    assert [int(c) for c in counts] == [len(tok.encode(x)) for x in lines]
+
+
+def test_tokenize_decode_rejects_non_ids(tmp_path):
+    bad = tmp_path / "ids.txt"
+    bad.write_text("1 2\n12 abc\n")
+    proc = hcx("tokenize", "bytes", "--decode", "--input", str(bad), check=False)
+    assert proc.returncode == 1 and f"{bad}:2: expected token ids" in proc.stderr
