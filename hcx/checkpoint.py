@@ -204,11 +204,16 @@ def _sharded_state(model, optimizer, is_loading: bool, with_optimizer: bool):
     return state
 
 
-def _optimizer_kind(optimizer) -> str:
+def _distributed_optimizers(optimizer) -> list:
+    """The megatron DistributedOptimizers inside ``optimizer`` (a ChainedOptimizer or one)."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     inner = getattr(optimizer, "chained_optimizers", [optimizer])
-    return "distributed" if any(isinstance(o, DistributedOptimizer) for o in inner) else "plain"
+    return [o for o in inner if isinstance(o, DistributedOptimizer)]
+
+
+def _optimizer_kind(optimizer) -> str:
+    return "distributed" if _distributed_optimizers(optimizer) else "plain"
 
 
 def save(ckpt_dir: Path, step: int, model, optimizer, scheduler,
@@ -283,10 +288,8 @@ def _materialize_optimizer_state(optimizer) -> None:
     FSDP format) is one step on zero gradients; every value it touches (main params,
     moments, step) is then overwritten by the checkpoint.
     """
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if isinstance(opt, DistributedOptimizer) and not opt.optimizer.state:
+    for opt in _distributed_optimizers(optimizer):
+        if not opt.optimizer.state:
             opt._init_optimizer_states_with_dummy_values()
 
 

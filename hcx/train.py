@@ -106,6 +106,10 @@ class Engine:
     start_step: int = 0
     consumed_samples: int = 0  # data position at start_step
 
+    def first_sample(self, step: int) -> int:
+        """The data position at the start of (0-based) ``step``: samples consumed so far."""
+        return self.consumed_samples + (step - self.start_step) * self.recipe.train.global_batch_size
+
 
 def build_engine(recipe: Recipe, vocab_size: int, with_optimizer: bool = True) -> Engine:
     """Initialize distributed state and build model (+ optimizer and schedule)."""
@@ -251,10 +255,10 @@ def train(engine: Engine, task: Task, valid_task: Task | None = None) -> list[di
     if engine.start_step >= t.steps:
         engine.log(f"nothing to do: the run is already at step {engine.start_step} of {t.steps} "
                    "(raise train.steps to continue)")
+
     def save(done: int) -> None:
-        consumed = engine.consumed_samples + (done - engine.start_step) * t.global_batch_size
-        path = ckpt.save(r.checkpoint_dir, done, engine.model, engine.optimizer,
-                         engine.scheduler, {"consumed_samples": consumed, "recipe": r.to_dict()},
+        path = ckpt.save(r.checkpoint_dir, done, engine.model, engine.optimizer, engine.scheduler,
+                         {"consumed_samples": engine.first_sample(done), "recipe": r.to_dict()},
                          r.checkpoint.keep_last)
         if logger:
             logger.write(f"checkpoint: saved {path}")
@@ -273,7 +277,7 @@ def train(engine: Engine, task: Task, valid_task: Task | None = None) -> list[di
                         "data of this step, then resume."
                     )
                 lr = engine.optimizer.param_groups[0]["lr"]  # the rate this step applies
-                update_ok, grad_norm, _ = engine.optimizer.step()
+                _, grad_norm, _ = engine.optimizer.step()
                 if grad_norm is not None and not math.isfinite(grad_norm):
                     raise NonFiniteLoss(
                         f"gradient norm is {grad_norm} at step {done}; stopping without saving. The "
@@ -341,10 +345,7 @@ class PretrainTask:
 
         e = self.engine
         g = e.recipe.train.global_batch_size
-        if self.held_out:
-            first = step * g
-        else:
-            first = e.consumed_samples + (step - e.start_step) * g  # the data position
+        first = step * g if self.held_out else e.first_sample(step)
         return microbatches(self.dataset, first, g, e.recipe.train.micro_batch_size,
                             e.topo.dp, e.topo.dp_rank)
 
