@@ -293,6 +293,26 @@ def _materialize_optimizer_state(optimizer) -> None:
             opt._init_optimizer_states_with_dummy_values()
 
 
+def _check_shapes(path: Path, model_state: dict) -> None:
+    """Refuse a checkpoint whose tensors have other shapes than the model's (another
+    vocabulary, hidden size, ...): megatron-core would otherwise load some of them into
+    the wrong places without complaint."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedTensor
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    saved = dist_checkpointing.load_tensors_metadata(str(path))
+    for sharded in nested_values(model_state):
+        if not isinstance(sharded, ShardedTensor) or sharded.key not in saved:
+            continue
+        have = tuple(saved[sharded.key].global_shape)
+        if have != tuple(sharded.global_shape):
+            raise CheckpointError(
+                f"{path}: tensor {sharded.key} has shape {have} in the checkpoint but "
+                f"{tuple(sharded.global_shape)} in this model (a different model shape or "
+                "tokenizer vocabulary): use a new output_dir, or a checkpoint of this shape")
+
+
 def load(path: Path, model, optimizer=None, scheduler=None, restore_rng: bool = True,
          log=print) -> dict[str, Any]:
     """Load a checkpoint into the (possibly differently parallelized) model.
@@ -314,6 +334,7 @@ def load(path: Path, model, optimizer=None, scheduler=None, restore_rng: bool = 
         _materialize_optimizer_state(optimizer)
     state = _sharded_state(model, optimizer, is_loading=True,
                            with_optimizer=optimizer is not None)
+    _check_shapes(path, state["model"])
     try:
         loaded = dist_checkpointing.load(state, str(path))
     except Exception as e:  # shape/key mismatches surface here; name the checkpoint

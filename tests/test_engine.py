@@ -267,3 +267,13 @@ def test_validation_loss_is_logged_on_held_out_data(reference, tmp_path):
     assert sorted(valid) == [2, 4]
     assert all(4.0 < v < 7.0 for v in valid.values())
     assert valid[4] != valid[2]  # the same held-out batches, a model that changed
+
+
+def test_checkpoint_of_another_shape_is_refused_naming_the_tensor(reference, tmp_path):
+    """megatron-core would load a tensor of another shape without complaint; hcx names it."""
+    final = reference["run"] / "checkpoints" / ckpt.step_dir_name(6)
+    proc = hcx("pretrain", str(reference["recipe"]), f"output_dir={tmp_path / 'run'}",
+               f"checkpoint.init_from={final}", "model.ffn_hidden_size=192", check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert ("tensor decoder.layers.mlp.linear_fc2.weight has shape (2, 64, 176) in the checkpoint "
+            "but (2, 64, 192) in this model") in proc.stderr, proc.stderr
