@@ -5,6 +5,7 @@ import json
 import pytest
 
 from hcx import tokenizer_stats as ts
+from hcx.tokenization import open_tokenizer
 from tests.conftest import hcx
 
 
@@ -17,7 +18,7 @@ def refs(shared_data):
 
 
 def test_bytes_fertility_hand_computed():
-    tok = ts.load("bytes")
+    tok = open_tokenizer("bytes")
     r = ts.measure(tok, "ko", ["안녕 hi"])
     # 2 Hangul syllables x 3 bytes + space + 2 = 9 tokens; 2 words; 4 non-space chars
     assert (r.tokens, r.words, r.chars, r.bytes) == (9, 2, 4, 9)
@@ -32,7 +33,7 @@ def test_bytes_fertility_hand_computed():
     ("llama-3/tokenizer.model", "hello world", [15339, 1917], "cl100k_base split"),
 ])
 def test_formats_give_published_ids(refs, path, text, ids, kind):
-    tok = ts.load(str(refs / path))
+    tok = open_tokenizer(str(refs / path))
     assert tok.encode(text) == ids
     assert kind in tok.kind
 
@@ -40,7 +41,7 @@ def test_formats_give_published_ids(refs, path, text, ids, kind):
 def test_directories_and_compressed_json_load(refs):
     for path, name, vocab in [("polyglot-ko", "polyglot-ko", 30003), ("gemma-3", "gemma-3", 262145),
                               ("exaone-3.5", "exaone-3.5", 102400)]:
-        tok = ts.load(str(refs / path))
+        tok = open_tokenizer(str(refs / path))
         assert (tok.name, tok.vocab_size) == (name, vocab)
         assert len(tok.encode("한국어 토크나이저")) > 0
 
@@ -84,7 +85,7 @@ def test_tokenize_round_trip(refs, tmp_path, name):
     (tmp_path / "ids.txt").write_text(ids)
     back = hcx("tokenize", spec, "--decode", "--input", str(tmp_path / "ids.txt")).stdout
     assert back.splitlines() == lines
-    tok = ts.load(spec)
+    tok = open_tokenizer(spec)
     counts = hcx("tokenize", spec, "--count", "--input", str(src)).stdout.split()
     assert [int(c) for c in counts] == [len(tok.encode(x)) for x in lines]
 
