@@ -24,6 +24,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
 
 demo: $(STAMP)
+	$(VENV)/bin/hcx data prepare recipes/tiny.yaml
 	$(VENV)/bin/hcx pretrain recipes/tiny.yaml
 
 bench: $(STAMP)

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 from hcx import paths
 from hcx.config import RecipeError, load_recipe
@@ -69,11 +70,12 @@ def cmd_tokenizer_stats(args: argparse.Namespace, argv: list[str]) -> int:
     import json
 
     from hcx import tokenizer_stats as ts
+    from hcx.tokenization import open_tokenizer
 
     texts = [ts.read_labelled(spec, args.text_field, args.limit) for spec in args.text]
     rows = []
     for spec in args.tokenizers:
-        tok = ts.load(spec)
+        tok = open_tokenizer(spec)
         print(f"{tok.name}: {tok.kind}, vocabulary {tok.vocab_size:,}", file=sys.stderr)
         rows += [ts.measure(tok, label, docs) for label, docs in texts]
     print(ts.markdown_table(rows))
@@ -83,10 +85,40 @@ def cmd_tokenizer_stats(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
-def cmd_tokenize(args: argparse.Namespace, argv: list[str]) -> int:
-    from hcx import tokenizer_stats as ts
+def cmd_data_prepare(args: argparse.Namespace, argv: list[str]) -> int:
+    from hcx import prepare
 
-    tok = ts.load(args.tokenizer)
+    overrides = list(args.overrides)
+    if args.workers is not None:
+        overrides.append(f"data.prepare.workers={args.workers}")
+    if args.skip_bad:
+        overrides.append("data.prepare.skip_bad=true")
+    recipe = load_recipe(args.recipe, overrides)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    out = prepare.prepared_dir(recipe)
+    if not args.force and prepare.is_prepared(recipe):
+        log(f"{out} is up to date (use --force to prepare again)")
+    else:
+        log(f"preparing {len(prepare.raw_sources(recipe))} source(s) into {out}")
+        prepare.run(recipe, progress=True, log=log)
+    print((out / "stats.md").read_text(), end="")
+    return 0
+
+
+def cmd_tokenizer_train(args: argparse.Namespace, argv: list[str]) -> int:
+    from hcx import tokenizer_train
+
+    spec = tokenizer_train.load_spec(args.spec, args.overrides)
+    out = tokenizer_train.train(spec, Path(args.spec),
+                                log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(out)
+    return 0
+
+
+def cmd_tokenize(args: argparse.Namespace, argv: list[str]) -> int:
+    from hcx.tokenization import TokenizerLoadError, open_tokenizer
+
+    tok = open_tokenizer(args.tokenizer)
     stream = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")
     with stream:
         for lineno, line in enumerate(stream, 1):
@@ -95,7 +127,7 @@ def cmd_tokenize(args: argparse.Namespace, argv: list[str]) -> int:
                 try:
                     ids = [int(x) for x in line.replace(",", " ").replace("[", " ").replace("]", " ").split()]
                 except ValueError:
-                    raise ts.TokenizerLoadError(f"{args.input}:{lineno}: expected token ids, got {line[:60]!r}") from None
+                    raise TokenizerLoadError(f"{args.input}:{lineno}: expected token ids, got {line[:60]!r}") from None
                 print(tok.decode(ids))
             else:
                 ids = tok.encode(line)
@@ -142,6 +174,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the figures as JSON here")
     p.set_defaults(func=cmd_tokenizer_stats)
 
+    p = tok.add_parser(
+        "train", help="train a bilingual SentencePiece tokenizer from a spec",
+        description="Train the SentencePiece model a spec describes (tokenizer/*.yaml): "
+                    "text sampled per language (ko/en/code) to the spec's ratios, optional "
+                    "Korean morpheme-aware merges (kiwipiepy), byte fallback, single digits, "
+                    "whitespace kept for code, hcx special tokens. Writes tokenizer.model "
+                    "and an identical Hugging Face tokenizer.json + tokenizer_config.json "
+                    "into the spec's output_dir (default: tokenizer/<name> beside the spec), "
+                    "checked to encode the same.")
+    p.add_argument("spec", help="tokenizer spec YAML, e.g. tokenizer/hcx-ko-en-32k.yaml")
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    p.set_defaults(func=cmd_tokenizer_train)
+
+    data = sub.add_parser("data", help="corpus preparation",
+                          description="Corpus preparation.").add_subparsers(
+        dest="data_command", required=True, metavar="COMMAND")
+    p = data.add_parser(
+        "prepare", help="raw corpora -> cleaned, deduplicated, tokenized indexed datasets",
+        description="Prepare the raw sources of a recipe (data.sources[*].path: JSONL, "
+                    "Parquet, text, directories, globs, hf://Hub IDs) for pretraining: NFC "
+                    "and control-character cleanup, length/repetition/language filters, exact "
+                    "and MinHash near-duplicate removal across sources, PII masking, "
+                    "decontamination against eval sets, fill-in-the-middle for code, "
+                    "tokenization in worker processes. Writes <source>.bin/.idx, stats.json "
+                    "and stats.md into data.prepare.output_dir (default "
+                    "<output_dir>/data_cache/prepared), where 'hcx pretrain' finds them. "
+                    "Settings: data.prepare.* in the recipe (see docs/data.md).")
+    p.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny.yaml")
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    p.add_argument("--workers", type=int, help="tokenizing processes (data.prepare.workers)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="count malformed records in the report instead of stopping at the first")
+    p.add_argument("--force", action="store_true", help="prepare even if up to date")
+    p.set_defaults(func=cmd_data_prepare)
+
     p = sub.add_parser("tokenize", help="encode or decode text line by line",
                        description="Encode each input line to token ids (space-separated), or "
                                    "with --decode turn lines of ids back into text. TOKENIZER "
@@ -185,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.data_dir:
         os.environ["HCX_DATA_DIR"] = args.data_dir  # reaches torchrun children too
     from hcx.errors import HcxError
-    from hcx.train import Stopped
+    from hcx.errors import Stopped
 
     try:
         return args.func(args, argv)

@@ -12,12 +12,14 @@ from __future__ import annotations
 import copy
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from hcx.errors import HcxError
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class RecipeError(HcxError, ValueError):
@@ -81,21 +83,92 @@ class TokenizerConfig(_Strict):
 
 
 class DataSource(_Strict):
-    """One pretraining source: a prepared megatron indexed dataset (``prefix``, the
-    ``.bin/.idx`` pair without extension) or a JSONL/text file tokenized into the cache
-    on first use (``path``). ``data://`` paths resolve against the data root."""
+    """One pretraining source: a megatron indexed dataset built elsewhere (``prefix``,
+    the ``.bin/.idx`` pair without extension) or raw documents (``path``) that
+    ``hcx data prepare`` cleans and tokenizes (``hcx pretrain`` runs it when needed).
 
-    name: str
+    ``path`` is a file, a directory, a glob, ``hf://OWNER/NAME`` (a Hub dataset) or
+    ``python://stdlib``; ``data://`` paths resolve against the data root. Formats:
+    JSONL, Parquet, plain text (one document per blank-line block), source files
+    (one document per file)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     prefix: str | None = None
     path: str | None = None
-    text_field: str = "text"
-    weight: float = Field(default=1.0, gt=0)
+    text_field: str = Field(default="text", description="field holding the text (JSONL, "
+                            "Parquet, Hub)")
+    weight: float = Field(default=1.0, gt=0, description="share in the training blend")
+    language: Literal["ko", "en", "code", "any"] = Field(
+        default="any", description="for the language filter and the stats; 'any' = "
+        "detected per document, no language filter")
+    format: Literal["auto", "jsonl", "text", "file", "parquet"] = "auto"
+    include: str = Field(default="*", description="file-name glob inside a directory")
+    exclude: list[str] = Field(default_factory=list, description="globs left out, relative "
+                               "to the directory")
+    hub_config: str | None = None
+    hub_split: str = "train"
+    fim: bool | None = Field(default=None, description="fill-in-the-middle at "
+                             "data.prepare.fim.rate; None = on for language 'code'")
 
     @model_validator(mode="after")
     def _one_location(self):
         if (self.prefix is None) == (self.path is None):
             raise ValueError("give exactly one of 'prefix' (prepared .bin/.idx) or 'path' (raw file)")
         return self
+
+    @property
+    def uses_fim(self) -> bool:
+        return self.language == "code" if self.fim is None else self.fim
+
+
+class FilterSettings(_Strict):
+    """Document filters (see hcx.corpus.clean.FilterConfig for the measures)."""
+
+    min_chars: int = Field(default=20, ge=0)
+    max_chars: int = Field(default=1_000_000, gt=0)
+    max_duplicate_line_fraction: float = Field(default=0.3, gt=0, le=1)
+    max_top_char_ngram_fraction: float = Field(default=0.2, gt=0, le=1)
+    min_language_fraction: float = Field(default=0.5, ge=0, le=1)
+
+
+class DedupSettings(_Strict):
+    exact: bool = True
+    near: bool = Field(default=True, description="MinHash LSH near-duplicates")
+    threshold: float = Field(default=0.8, gt=0, le=1, description="estimated Jaccard of "
+                             "token 5-gram sets above which a document is a near-duplicate")
+    num_perm: int = Field(default=128, gt=0)
+    ngram: int = Field(default=5, gt=0)
+
+
+class DecontamSettings(_Strict):
+    eval_dir: str = Field(default="data://eval", description="one folder per benchmark of "
+                          "JSONL files; every string field of every record is indexed")
+    benchmarks: list[str] = Field(default_factory=list, description="folder names; [] = all")
+    ngram: int = Field(default=13, gt=0, description="words in a shared n-gram (GPT-3's 13)")
+    action: Literal["drop", "report"] = "drop"
+
+
+class FimSettings(_Strict):
+    rate: float = Field(default=0.5, ge=0, le=1, description="share of code documents")
+    spm_rate: float = Field(default=0.5, ge=0, le=1, description="share of FIM documents in "
+                            "suffix-prefix-middle order (the rest prefix-suffix-middle)")
+    random_split_rate: float = Field(default=0.5, ge=0, le=1, description="share cut at "
+                                     "random points (the rest at fixed thirds, as HCX)")
+
+
+class PrepareConfig(_Strict):
+    """How ``hcx data prepare`` turns raw sources into indexed datasets."""
+
+    output_dir: str | None = Field(default=None, description="None = <cache_dir>/prepared")
+    workers: int = Field(default=2, ge=1, description="tokenizing processes")
+    filters: FilterSettings = FilterSettings()
+    dedup: DedupSettings = DedupSettings()
+    pii: bool = Field(default=True, description="mask e-mail local parts, phone numbers, "
+                      "Korean resident registration numbers")
+    decontaminate: DecontamSettings | None = Field(default=None, description="None = off")
+    fim: FimSettings = FimSettings()
+    skip_bad: bool = Field(default=False, description="count bad records instead of stopping")
+    seed: int = 1234
 
 
 class DataConfig(_Strict):
@@ -104,6 +177,7 @@ class DataConfig(_Strict):
     seq_length: int = Field(gt=0)
     split: str = "98,2,0"
     cache_dir: str | None = Field(default=None, description="None = <output_dir>/data_cache")
+    prepare: PrepareConfig = PrepareConfig()
     eval_every: int = Field(default=0, ge=0, description="validation loss every N steps; 0 = off")
     eval_batches: int = Field(default=2, gt=0)
 
@@ -357,8 +431,11 @@ def _origin_of(key: str, origins: dict[str, str], default: str) -> str:
     return default
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Load, merge, override and validate a recipe. Raises RecipeError."""
+def load_config(path: str | Path, model: type[M], overrides: list[str] | tuple[str, ...] = (),
+                what: str = "recipe") -> tuple[M, dict[str, str]]:
+    """Load a YAML file (with ``base:`` chains and ``KEY=VALUE`` overrides) into a pydantic
+    model. Errors name ``file:line`` of the key at fault. Returns the model and the origin
+    (``file:line`` or override) of every key, for later checks to cite. Raises RecipeError."""
     path = Path(path)
     data, origins = _load_chain(path)
     for text in overrides:
@@ -368,7 +445,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         for i in range(1, len(parts)):  # parents created by the override point at it too
             origins.setdefault(".".join(parts[:i]), f"override {text!r}")
     try:
-        recipe = Recipe.model_validate(data)
+        config = model.model_validate(data)
     except ValidationError as e:
         lines = []
         for err in e.errors():
@@ -377,7 +454,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
             where = _origin_of(key, origins, str(path))
             msg = err["msg"]
             if err["type"] == "extra_forbidden":
-                known = _known_keys(Recipe, loc)
+                known = _known_keys(model, loc)
                 close = difflib.get_close_matches(str(loc[-1]), known, n=1)
                 msg = f"unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else "")
                 msg += f"; valid keys here: {', '.join(known)}"
@@ -387,7 +464,13 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
                 got = err.get("input")
                 msg = f"{key}: {msg} (got {got!r})" if not isinstance(got, dict) else f"{key}: {msg}"
             lines.append(f"{where}: {msg}")
-        raise RecipeError("invalid recipe:\n  " + "\n  ".join(lines)) from None
+        raise RecipeError(f"invalid {what}:\n  " + "\n  ".join(lines)) from None
+    return config, origins
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Load, merge, override and validate a training recipe. Raises RecipeError."""
+    recipe, origins = load_config(path, Recipe, overrides)
     problems = _combination_errors(recipe)
     if problems:
         lines = []

@@ -12,9 +12,6 @@ uninterrupted run would have read.
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import json
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -23,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hcx.config import DataSource, Recipe
+from hcx.config import Recipe
 from hcx.errors import HcxError
 from hcx.paths import resolve
 from hcx.tokenization import Tokenizer
@@ -66,54 +63,27 @@ def write_indexed_dataset(documents: Iterable[list[int]], prefix: str | Path, vo
 
 
 def read_texts(path: Path, text_field: str) -> Iterator[str]:
-    """Texts of a JSONL file (one object per line) or a plain text file (one document
-    per blank-line-separated block). Errors name the file and line."""
+    """Texts of a JSONL file (``text_field`` of each line), a plain text file (one
+    document per blank-line block) or a source file. Errors name the file and line."""
+    from hcx.sources import BadRecord, detect_format, parse_record, raw_records
+
     if not path.exists():
         raise DataError(f"{path}: file not found")
-    if path.suffix in (".jsonl", ".json"):
-        with path.open("rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
-                try:
-                    obj = json.loads(raw.decode("utf-8"))
-                except UnicodeDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: invalid UTF-8 ({e.reason})") from None
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-                if not isinstance(obj, dict) or text_field not in obj:
-                    keys = list(obj) if isinstance(obj, dict) else type(obj).__name__
-                    raise DataError(f"{path}:{lineno}: no field {text_field!r} (has {keys})")
-                if not isinstance(obj[text_field], str):
-                    raise DataError(f"{path}:{lineno}: field {text_field!r} is not a string")
-                yield obj[text_field]
-    else:
+    fmt = detect_format(path)
+    for record in raw_records(path, fmt):
         try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: invalid UTF-8 at byte {e.start}") from None
-        for block in text.split("\n\n"):
-            if block.strip():
-                yield block
-
-
-def _cache_prefix(source: DataSource, tokenizer: Tokenizer, cache_dir: Path) -> Path:
-    path = resolve(source.path)
-    if not path.exists():
-        raise DataError(f"data source {source.name!r}: {path} does not exist")
-    st = path.stat()
-    key = json.dumps([str(path.resolve()), st.st_size, st.st_mtime_ns, source.text_field,
-                      tokenizer.fingerprint()])
-    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
-    return cache_dir / "tokens" / f"{source.name}-{digest}"
+            yield parse_record(record, fmt, text_field)
+        except BadRecord as e:
+            raise DataError(str(e)) from None
 
 
 def materialize_sources(recipe: Recipe, tokenizer: Tokenizer) -> list[str]:
-    """Dataset prefixes of all sources, tokenizing raw files into the cache first.
+    """Dataset prefixes of all sources in recipe order. Raw sources (``path``) are
+    prepared first if needed (:func:`hcx.prepare.ensure_prepared`, which every process
+    may call at once)."""
+    from hcx.prepare import ensure_prepared, raw_sources
 
-    Every process may call this at once (before any process group exists): a file lock
-    per source lets one tokenize while the others wait, then find the finished files.
-    """
+    prepared = ensure_prepared(recipe, log=_log_rank0) if raw_sources(recipe) else {}
     prefixes = []
     for source in recipe.data.sources:
         if source.prefix is not None:
@@ -125,16 +95,14 @@ def materialize_sources(recipe: Recipe, tokenizer: Tokenizer) -> list[str]:
                         "(build it with 'hcx data prepare')"
                     )
         else:
-            prefix = _cache_prefix(source, tokenizer, recipe.data_cache_dir)
-            prefix.parent.mkdir(parents=True, exist_ok=True)
-            with open(str(prefix) + ".lock", "w") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
-                if not Path(str(prefix) + ".idx").exists():
-                    texts = read_texts(resolve(source.path), source.text_field)
-                    docs = (tokenizer.encode(t) + [tokenizer.eod] for t in texts)
-                    write_indexed_dataset(docs, prefix, tokenizer.vocab_size)
+            prefix = prepared[source.name]
         prefixes.append(str(prefix))
     return prefixes
+
+
+def _log_rank0(message: str) -> None:
+    if os.environ.get("RANK", "0") == "0":
+        print(f"hcx: {message}", flush=True)
 
 
 # --- building samples -------------------------------------------------------------------

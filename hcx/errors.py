@@ -9,3 +9,12 @@ class HcxError(Exception):
 
 class LaunchError(HcxError, RuntimeError):
     """The processes or the machine do not match the recipe (world size, Transformer Engine)."""
+
+
+class Stopped(HcxError, RuntimeError):
+    """SIGTERM/SIGINT arrived and the command stopped cleanly (training saved a
+    checkpoint of its last finished step; data preparation removed its partial files)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum

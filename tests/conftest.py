@@ -44,14 +44,18 @@ def prepared_prefix(tmp_path_factory, shared_data) -> Path:
 
 
 def small_recipe(path: Path, output_dir: Path, prefix: Path, **sections) -> Path:
-    """A 2-layer recipe inheriting recipes/tiny.yaml: one prepared source, one raw file."""
+    """A 2-layer recipe inheriting recipes/tiny.yaml: one prepared source, one raw file,
+    UTF-8 byte tokens (the engine tests compare runs, not tokenizers)."""
     recipe = {
         "base": str(TINY),
         "name": "test",
         "output_dir": str(output_dir),
         "model": {"num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 176,
                   "num_attention_heads": 4, "num_query_groups": 2},
-        "data": {"seq_length": 64, "eval_every": 0, "split": "100,0,0", "sources": [
+        "data": {"seq_length": 64, "eval_every": 0, "split": "100,0,0",
+                 "tokenizer": {"kind": "bytes"},
+                 "prepare": {"workers": 1, "decontaminate": None},
+                 "sources": [
             {"name": "ko_kolaw", "prefix": str(prefix), "weight": 0.5},
             {"name": "en_shakespeare", "weight": 0.5,
              "path": "data://train/pretrain/en_tiny_shakespeare/train.jsonl"}]},

@@ -112,8 +112,8 @@ def test_missing_file_and_bad_yaml(tmp_path):
 
 
 def test_override_list_index_out_of_range():
-    with pytest.raises(RecipeError, match=r"'data.sources' has 4 items, so '5' is not a valid index"):
-        load_recipe(TINY, ["data.sources.5.weight=1"])
+    with pytest.raises(RecipeError, match=r"'data.sources' has 5 items, so '6' is not a valid index"):
+        load_recipe(TINY, ["data.sources.6.weight=1"])
 
 
 def test_eval_needs_a_validation_split():

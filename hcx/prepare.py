@@ -1,0 +1,634 @@
+"""``hcx data prepare RECIPE``: raw corpora to megatron-core indexed datasets.
+
+Per document, in worker processes (:func:`process_chunk`):
+    parse (file:line on error) -> NFC + control characters -> filters -> PII masking
+    -> fill-in-the-middle (code) -> tokenize + eod -> exact hash, MinHash signature and
+    eval n-gram hits (on the document's tokens).
+In the main process, in input order (so the output does not depend on the number of
+workers): exact and near-duplicate removal across all sources (earlier sources win),
+decontamination, and writing one ``<source>.bin/.idx`` per source.
+
+Nothing half-written is ever accepted: each dataset is written under a temporary name
+and renamed (``.bin`` first, then ``.idx``, so an ``.idx`` always has its whole
+``.bin``), and ``manifest.json``, which ``hcx pretrain`` checks, is written last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import signal
+import sys
+import time
+import zlib
+from collections import Counter, defaultdict, deque
+from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from hcx.config import DataSource, PrepareConfig, Recipe
+from hcx.errors import HcxError, Stopped
+from hcx.paths import resolve
+from hcx.sources import (BadRecord, RawRecord, SourceError, detect_format, expand, hub_records,
+                         is_hub, parse_record, raw_records)
+from hcx.tokenization import Tokenizer, load_tokenizer
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+CHUNK_BYTES = 1 << 20       # records handed to a worker at a time
+MAX_EXAMPLES = 5            # file:line examples kept per removal reason
+
+
+class PrepareError(HcxError, ValueError):
+    pass
+
+
+# --- what a worker returns ------------------------------------------------------------------
+
+
+@dataclass
+class ChunkResult:
+    """Documents of one chunk that survived the per-document steps, plus counts."""
+
+    tokens: list[np.ndarray] = field(default_factory=list)
+    where: list[str] = field(default_factory=list)
+    language: list[str] = field(default_factory=list)
+    chars: list[int] = field(default_factory=list)
+    text_hash: list[int] = field(default_factory=list)
+    signatures: list[np.ndarray] = field(default_factory=list)
+    contaminated: list[tuple[int, ...]] = field(default_factory=list)
+    records: int = 0
+    bytes_in: int = 0
+    removed: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    pii: Counter = field(default_factory=Counter)
+    fim: Counter = field(default_factory=Counter)
+    bad: str | None = None  # the error, when not skipping bad input (processing stopped)
+
+    def drop(self, reason: str, where: str) -> None:
+        self.removed[reason] += 1
+        if len(self.examples[reason]) < MAX_EXAMPLES:
+            self.examples[reason].append(where)
+
+
+# --- the per-document steps (run in workers) ------------------------------------------------
+
+
+class DocumentProcessor:
+    """Everything done to one document before the cross-document steps."""
+
+    def __init__(self, recipe: Recipe, source: DataSource, ngram_index_path: str | None):
+        from hcx.corpus.clean import FilterConfig
+        from hcx.corpus.fim import FimIds
+        from hcx.corpus.minhash import MinHasher
+
+        cfg = recipe.data.prepare
+        self.cfg, self.source = cfg, source
+        self.fmt = source.format
+        self.tokenizer = load_tokenizer(recipe.data.tokenizer)
+        self.filters = FilterConfig(**cfg.filters.model_dump())
+        self.minhasher = (MinHasher(cfg.dedup.num_perm, cfg.dedup.ngram, seed=cfg.seed)
+                          if cfg.dedup.near else None)
+        self.ngrams = None
+        self.starts_word = None
+        if ngram_index_path:
+            self.starts_word = word_start_table(self.tokenizer)
+            from hcx.corpus.decontam import NgramIndex
+
+            with np.load(ngram_index_path) as arrays:
+                self.ngrams = NgramIndex.from_arrays(**arrays)
+        self.fim_ids = None
+        if source.uses_fim and cfg.fim.rate > 0:
+            self.fim_ids = FimIds(*fim_token_ids(self.tokenizer))
+
+    def __call__(self, chunk: list[RawRecord]) -> ChunkResult:
+        from hcx.corpus.clean import detect_language, filter_reason, normalize
+        from hcx.corpus.pii import mask_pii
+
+        out = ChunkResult()
+        eod = self.tokenizer.eod
+        for record in chunk:
+            out.records += 1
+            if not isinstance(record.data, dict):
+                out.bytes_in += len(record.data)
+            fmt = self.fmt if self.fmt != "auto" else detect_format(Path(record.file),
+                                                                    self.source.language)
+            try:
+                text = parse_record(record, fmt, self.source.text_field)
+            except BadRecord as e:
+                if not self.cfg.skip_bad:
+                    out.bad = str(e)
+                    return out
+                out.drop(f"bad_{e.reason}", record.where)
+                continue
+            text = normalize(text)
+            reason = filter_reason(text, self.source.language, self.filters)
+            if reason:
+                out.drop(reason, record.where)
+                continue
+            text_hash = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(),
+                                       "little")
+            if self.cfg.pii:
+                text, counts = mask_pii(text)
+                out.pii.update(counts)
+            ids, plain = self._tokenize(text, record, out)
+            out.tokens.append(np.asarray(ids + [eod], dtype=np.int32))
+            out.where.append(record.where)
+            out.language.append(self.source.language if self.source.language != "any"
+                                else detect_language(text))
+            out.chars.append(len(text))
+            out.text_hash.append(text_hash)
+            if self.minhasher is not None:
+                out.signatures.append(self.minhasher.signature(plain))
+            out.contaminated.append(self._benchmarks_quoted(plain))
+        return out
+
+    def _benchmarks_quoted(self, tokens: np.ndarray) -> tuple[int, ...]:
+        if self.ngrams is None:
+            return ()
+        from hcx.corpus.decontam import word_hashes
+
+        return tuple(sorted(self.ngrams.labels_hit(word_hashes(tokens, self.starts_word))))
+
+    def _tokenize(self, text: str, record: RawRecord, out: ChunkResult) -> tuple[list[int], np.ndarray]:
+        """The document's training ids, and its plain ids (document order, no FIM
+        sentinels) for the duplicate and contamination checks."""
+        if self.fim_ids is None:
+            ids = self.tokenizer.encode(text)
+            return ids, np.asarray(ids, dtype=np.int64)
+        from hcx.corpus.fim import fim_layout, fim_split
+
+        fim = self.cfg.fim
+        # Seeded by the record's place, not by worker or order: the same input gives
+        # the same FIM layout with any number of workers.
+        key = zlib.crc32(f"{self.source.name}\0{record.where}".encode())
+        rng = np.random.default_rng([self.cfg.seed, key])
+        if rng.random() >= fim.rate:
+            ids = self.tokenizer.encode(text)
+            return ids, np.asarray(ids, dtype=np.int64)
+        spm = bool(rng.random() < fim.spm_rate)
+        mode = "random" if rng.random() < fim.random_split_rate else "thirds"
+        prefix, middle, suffix = (self.tokenizer.encode(part) for part in fim_split(text, mode, rng))
+        out.fim[("spm" if spm else "psm") + "_" + mode] += 1
+        return (fim_layout(prefix, middle, suffix, self.fim_ids, spm),
+                np.asarray(prefix + middle + suffix, dtype=np.int64))
+
+
+def word_start_table(tokenizer: Tokenizer) -> np.ndarray:
+    """For each id: does its text begin with whitespace (a new word)?"""
+    table = np.zeros(tokenizer.vocab_size, dtype=bool)
+    for i in range(tokenizer.vocab_size):
+        text = tokenizer.decode([i])
+        table[i] = bool(text) and text[0].isspace()
+    return table
+
+
+def fim_token_ids(tokenizer: Tokenizer) -> tuple[int, int, int]:
+    from hcx import special_tokens as st
+
+    ids = [tokenizer.special_id(t) for t in (st.FIM_PREFIX, st.FIM_MIDDLE, st.FIM_SUFFIX)]
+    if None in ids:
+        raise PrepareError(f"tokenizer {tokenizer.name} has no {st.FIM_PREFIX}/{st.FIM_MIDDLE}/"
+                           f"{st.FIM_SUFFIX} tokens: use an hcx tokenizer (hcx tokenizer "
+                           "train) or set data.prepare.fim.rate=0 / fim: false on the source")
+    return tuple(ids)
+
+
+# Pool workers build their processor once, in the initializer; a module-level slot is
+# how multiprocessing hands per-process state to the mapped function.
+_processor: DocumentProcessor | None = None
+
+
+def _init_worker(recipe: Recipe, source: DataSource, ngram_index_path: str | None) -> None:
+    global _processor
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and cleans up
+    _processor = DocumentProcessor(recipe, source, ngram_index_path)
+
+
+def _work(chunk: list[RawRecord]) -> ChunkResult:
+    return _processor(chunk)
+
+
+def ordered_map(pool: ProcessPoolExecutor, fn, items: Iterable, in_flight: int) -> Iterator:
+    """``pool.map`` that reads ``items`` lazily: at most ``in_flight`` chunks are queued
+    (Executor.map would read a whole corpus into memory first). Results in input order."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= in_flight:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+# --- reading ----------------------------------------------------------------------------------
+
+
+def source_records(source: DataSource) -> Iterator[RawRecord]:
+    if is_hub(source.path):
+        yield from hub_records(source.path[len("hf://"):], source.hub_config, source.hub_split)
+        return
+    for file in expand(source.path, source.include, source.exclude):
+        fmt = source.format if source.format != "auto" else detect_format(file, source.language)
+        yield from raw_records(file, fmt)
+
+
+def chunked(records: Iterable[RawRecord], max_bytes: int = CHUNK_BYTES) -> Iterator[list[RawRecord]]:
+    chunk, size = [], 0
+    for record in records:
+        chunk.append(record)
+        size += len(record.data) if not isinstance(record.data, dict) else 1024
+        if size >= max_bytes:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def source_bytes(source: DataSource) -> int | None:
+    if is_hub(source.path):
+        return None
+    return sum(f.stat().st_size for f in expand(source.path, source.include, source.exclude))
+
+
+# --- the cross-document steps and writing (main process) -----------------------------------
+
+
+@dataclass
+class SourceStats:
+    name: str
+    language: str
+    weight: float
+    records: int = 0
+    bytes_in: int = 0
+    documents: int = 0
+    tokens: int = 0
+    characters: int = 0
+    tokens_by_language: Counter = field(default_factory=Counter)
+    removed: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    pii: Counter = field(default_factory=Counter)
+    fim: Counter = field(default_factory=Counter)
+    contamination: Counter = field(default_factory=Counter)
+    seconds: float = 0.0
+
+    def drop(self, reason: str, where: str) -> None:
+        self.removed[reason] += 1
+        if len(self.examples[reason]) < MAX_EXAMPLES:
+            self.examples[reason].append(where)
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name, "language": self.language, "weight": self.weight,
+            "records": self.records, "bytes_in": self.bytes_in, "documents": self.documents,
+            "tokens": self.tokens, "characters": self.characters,
+            "tokens_by_language": dict(self.tokens_by_language),
+            "removed": dict(self.removed), "removed_examples": dict(self.examples),
+            "pii_masked": dict(self.pii), "fim": dict(self.fim),
+            "contaminated_documents_by_benchmark": dict(self.contamination),
+            "seconds": round(self.seconds, 2),
+            "mb_per_second": round(self.bytes_in / 1e6 / max(self.seconds, 1e-9), 2),
+        }
+
+
+class CrossDocumentFilter:
+    """Exact and near duplicates across all sources, and contamination, in input order."""
+
+    def __init__(self, cfg: PrepareConfig, benchmarks: list[str]):
+        from hcx.corpus.minhash import LSHIndex
+
+        self.cfg, self.benchmarks = cfg, benchmarks
+        self.seen: set[int] = set()
+        self.lsh = LSHIndex(cfg.dedup.num_perm, cfg.dedup.threshold) if cfg.dedup.near else None
+        self.next_key = 0
+
+    def keep(self, result: ChunkResult, i: int, stats: SourceStats) -> bool:
+        where = result.where[i]
+        hits = result.contaminated[i]
+        for label in hits:
+            stats.contamination[self.benchmarks[label]] += 1
+        if hits and self.cfg.decontaminate and self.cfg.decontaminate.action == "drop":
+            stats.drop("contaminated", where)
+            return False
+        if self.cfg.dedup.exact:
+            h = result.text_hash[i]
+            if h in self.seen:
+                stats.drop("exact_duplicate", where)
+                return False
+            self.seen.add(h)
+        if self.lsh is not None:
+            self.next_key += 1
+            if self.lsh.query_insert(self.next_key, result.signatures[i]) is not None:
+                stats.drop("near_duplicate", where)
+                return False
+        return True
+
+
+def _remove(prefix: Path) -> None:
+    for ext in (".idx", ".bin"):
+        Path(str(prefix) + ext).unlink(missing_ok=True)
+
+
+def prepare_source(recipe: Recipe, source: DataSource, out_dir: Path, cross: CrossDocumentFilter,
+                   ngram_index_path: str | None, progress: bool) -> SourceStats:
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    from tqdm import tqdm
+
+    from hcx.data import token_dtype
+
+    cfg = recipe.data.prepare
+    stats = SourceStats(source.name, source.language, source.weight)
+    t0 = time.time()
+    tokenizer = load_tokenizer(recipe.data.tokenizer)
+    final = out_dir / source.name
+    tmp = out_dir / f"{source.name}.tmp{os.getpid()}"
+    builder = IndexedDatasetBuilder(str(tmp) + ".bin", dtype=token_dtype(tokenizer.vocab_size))
+    chunks = chunked(source_records(source))
+    if cfg.workers > 1:
+        # spawn, not fork: the parent has threads (torch, tokenizers, tqdm), and a forked
+        # child can die holding a lock; an executor then fails loudly instead of hanging.
+        pool = ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_init_worker,
+                                   initargs=(recipe, source, ngram_index_path))
+        results = ordered_map(pool, _work, chunks, in_flight=2 * cfg.workers)
+    else:
+        pool = None
+        processor = DocumentProcessor(recipe, source, ngram_index_path)
+        results = map(processor, chunks)
+    bar = tqdm(total=source_bytes(source), unit="B", unit_scale=True, desc=source.name,
+               disable=not progress, leave=False, file=sys.stderr)
+    try:
+        for result in results:
+            bar.update(result.bytes_in)
+            if result.bad is not None:
+                raise PrepareError(f"data source {source.name!r}: {result.bad} (use "
+                                   "--skip-bad to count and skip bad records)")
+            stats.records += result.records
+            stats.bytes_in += result.bytes_in
+            stats.removed.update(result.removed)
+            for reason, examples in result.examples.items():
+                room = MAX_EXAMPLES - len(stats.examples[reason])
+                stats.examples[reason].extend(examples[:max(room, 0)])
+            stats.pii.update(result.pii)
+            stats.fim.update(result.fim)
+            for i, tokens in enumerate(result.tokens):
+                if not cross.keep(result, i, stats):
+                    continue
+                builder.add_document(tokens, [len(tokens)])
+                stats.documents += 1
+                stats.tokens += len(tokens)
+                stats.characters += result.chars[i]
+                stats.tokens_by_language[result.language[i]] += len(tokens)
+        if stats.documents == 0:
+            raise PrepareError(f"data source {source.name!r}: no documents left after "
+                               f"{stats.records} records (removed: {dict(stats.removed)})")
+        builder.finalize(str(tmp) + ".idx")
+        # .bin before .idx: whoever sees the final .idx also sees its complete .bin.
+        _remove(final)
+        os.replace(str(tmp) + ".bin", str(final) + ".bin")
+        os.replace(str(tmp) + ".idx", str(final) + ".idx")
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        _remove(tmp)
+    stats.seconds = time.time() - t0
+    return stats
+
+
+# --- decontamination index ----------------------------------------------------------------
+
+
+def _strings(obj) -> Iterator[str]:
+    if isinstance(obj, str):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _strings(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _strings(v)
+
+
+def eval_files(cfg: PrepareConfig) -> dict[str, list[Path]]:
+    """Benchmark name -> its JSONL files, under ``decontaminate.eval_dir``."""
+    d = cfg.decontaminate
+    root = resolve(d.eval_dir)
+    if not root.is_dir():
+        raise PrepareError(f"data.prepare.decontaminate.eval_dir: {root} is not a directory "
+                           "(one folder of JSONL files per benchmark)")
+    names = d.benchmarks or sorted(p.name for p in root.iterdir() if p.is_dir())
+    out = {}
+    for name in names:
+        files = sorted((root / name).glob("*.jsonl"))
+        if not files:
+            raise PrepareError(f"data.prepare.decontaminate: benchmark {name!r} has no *.jsonl "
+                               f"files in {root / name}")
+        out[name] = files
+    return out
+
+
+def build_ngram_index(recipe: Recipe, cache_dir: Path, log) -> tuple[str, list[str]]:
+    """The eval sets' token n-grams (cached by tokenizer and file contents); returns the
+    index path and the benchmark names (label i = names[i])."""
+    from hcx.corpus.clean import normalize
+    from hcx.corpus.decontam import NgramIndex, word_hashes
+
+    cfg = recipe.data.prepare
+    tokenizer = load_tokenizer(recipe.data.tokenizer)
+    files = eval_files(cfg)
+    key = json.dumps([FORMAT_VERSION, "words", tokenizer.fingerprint(), cfg.decontaminate.ngram,
+                      {n: [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in fs]
+                       for n, fs in files.items()}])
+    path = cache_dir / f"ngrams-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npz"
+    names = list(files)
+    if path.exists():
+        return str(path), names
+    starts_word = word_start_table(tokenizer)
+    log(f"indexing {len(names)} eval sets for decontamination ({cfg.decontaminate.ngram}-grams)")
+    index = NgramIndex(cfg.decontaminate.ngram)
+    for label, (name, fs) in enumerate(files.items()):
+        for f in fs:
+            for lineno, line in enumerate(f.open("rb"), 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError as e:
+                    raise PrepareError(f"{f}:{lineno}: malformed JSON in eval set ({e})") from None
+                for text in _strings(record):
+                    if len(text) >= 20:
+                        ids = np.asarray(tokenizer.encode(normalize(text)), np.int64)
+                        index.add(word_hashes(ids, starts_word), label)
+    index.freeze()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
+    np.savez(tmp, **index.to_arrays())
+    os.replace(tmp, path)
+    return str(path), names
+
+
+# --- the whole run ---------------------------------------------------------------------------
+
+
+def raw_sources(recipe: Recipe) -> list[DataSource]:
+    return [s for s in recipe.data.sources if s.path is not None]
+
+
+def fingerprint(recipe: Recipe) -> str:
+    """Changes when anything that shapes the prepared data changes."""
+    tokenizer = load_tokenizer(recipe.data.tokenizer)
+    files = {}
+    for s in raw_sources(recipe):
+        if is_hub(s.path):
+            files[s.name] = [s.path, s.hub_config, s.hub_split]
+        else:
+            try:
+                files[s.name] = [(str(f), f.stat().st_size, f.stat().st_mtime_ns)
+                                 for f in expand(s.path, s.include, s.exclude)]
+            except SourceError as e:
+                raise PrepareError(f"data source {s.name!r}: {e}") from None
+    prep = recipe.data.prepare.model_dump(exclude={"workers", "output_dir"})
+    key = json.dumps([FORMAT_VERSION, tokenizer.fingerprint(), prep,
+                      [s.model_dump(exclude={"weight"}) for s in raw_sources(recipe)], files],
+                     sort_keys=True, default=str)
+    return hashlib.sha1(key.encode()).hexdigest()
+
+
+def prepared_dir(recipe: Recipe) -> Path:
+    p = recipe.data.prepare.output_dir
+    return resolve(p) if p else recipe.data_cache_dir / "prepared"
+
+
+def is_prepared(recipe: Recipe) -> bool:
+    manifest = prepared_dir(recipe) / MANIFEST
+    if not manifest.exists():
+        return False
+    try:
+        return json.loads(manifest.read_text())["fingerprint"] == fingerprint(recipe)
+    except (ValueError, KeyError):
+        return False
+
+
+def run(recipe: Recipe, progress: bool = True, log=print) -> dict:
+    """Prepare every raw source of the recipe; returns the stats (also written as
+    ``stats.json`` and ``stats.md`` next to the datasets)."""
+    sources = raw_sources(recipe)
+    if not sources:
+        raise PrepareError("the recipe has no raw sources (data.sources[*].path) to prepare")
+    names = [s.name for s in recipe.data.sources]
+    for name in {n for n in names if names.count(n) > 1}:
+        raise PrepareError(f"data.sources: the name {name!r} is used twice")
+    cfg = recipe.data.prepare
+    out = prepared_dir(recipe)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)       # incomplete until written again
+    for stale in out.glob("*.tmp*"):               # left by a killed run
+        stale.unlink()
+    key = fingerprint(recipe)
+    t0 = time.time()
+    index_path, benchmarks = None, []
+    if cfg.decontaminate:
+        index_path, benchmarks = build_ngram_index(recipe, recipe.data_cache_dir / "decontam", log)
+    cross = CrossDocumentFilter(cfg, benchmarks)
+    all_stats = []
+    with _terminate_as_interrupt():
+        for source in sources:
+            stats = prepare_source(recipe, source, out, cross, index_path, progress)
+            log(f"  {source.name}: {stats.documents:,} documents, {stats.tokens:,} tokens "
+                f"({stats.bytes_in / 1e6:.1f} MB at {stats.bytes_in / 1e6 / stats.seconds:.1f} MB/s)"
+                + (f"; removed {dict(stats.removed)}" if stats.removed else ""))
+            all_stats.append(stats)
+    report = {
+        "recipe": recipe.name,
+        "tokenizer": load_tokenizer(recipe.data.tokenizer).name,
+        "workers": cfg.workers,
+        "seconds": round(time.time() - t0, 2),
+        "decontamination": ({"action": cfg.decontaminate.action, "ngram": cfg.decontaminate.ngram,
+                             "benchmarks": benchmarks} if cfg.decontaminate else None),
+        "sources": [s.to_dict() for s in all_stats],
+    }
+    (out / "stats.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+    (out / "stats.md").write_text(markdown_report(report))
+    (out / MANIFEST).write_text(json.dumps({
+        "fingerprint": key, "format_version": FORMAT_VERSION,
+        "sources": {s.name: str(out / s.name) for s in sources}}, indent=1) + "\n")
+    return report
+
+
+class _terminate_as_interrupt:
+    """SIGTERM (a cluster's or a user's kill) unwinds the stack like Ctrl-C, so that
+    temporary files are removed and no manifest is written (exit 143)."""
+
+    def __enter__(self):
+        self.previous = signal.getsignal(signal.SIGTERM)
+
+        def handler(signum, frame):
+            raise Stopped(f"stopped by signal {signum}: partial files removed, nothing "
+                          "marked prepared; run again to prepare", signum)
+
+        signal.signal(signal.SIGTERM, handler)
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self.previous)
+
+
+def markdown_report(report: dict) -> str:
+    rows = report["sources"]
+    lines = [f"# Prepared data: {report['recipe']}", "",
+             f"Tokenizer `{report['tokenizer']}`, {report['workers']} worker(s), "
+             f"{report['seconds']} s.", "",
+             "| source | language | weight | records | documents | tokens | MB in | removed |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
+    for s in rows:
+        removed = ", ".join(f"{k} {v}" for k, v in sorted(s["removed"].items())) or "-"
+        lines.append(f"| {s['name']} | {s['language']} | {s['weight']} | {s['records']:,} | "
+                     f"{s['documents']:,} | {s['tokens']:,} | {s['bytes_in'] / 1e6:.2f} | {removed} |")
+    by_lang: Counter = Counter()
+    for s in rows:
+        by_lang.update(s["tokens_by_language"])
+    total = sum(by_lang.values()) or 1
+    lines += ["", "Tokens by language: " + ", ".join(
+        f"{k} {v:,} ({100 * v / total:.1f}%)" for k, v in sorted(by_lang.items()))]
+    pii = Counter()
+    fim = Counter()
+    for s in rows:
+        pii.update(s["pii_masked"])
+        fim.update(s["fim"])
+    lines.append("PII masked: " + (", ".join(f"{k} {v}" for k, v in sorted(pii.items())) or "none"))
+    if fim:
+        lines.append("Fill-in-the-middle documents: " + ", ".join(f"{k} {v}" for k, v in sorted(fim.items())))
+    d = report["decontamination"]
+    if d:
+        hits = Counter()
+        for s in rows:
+            hits.update(s["contaminated_documents_by_benchmark"])
+        lines += ["", f"## Decontamination ({d['ngram']}-word n-grams, action: {d['action']})", ""]
+        if hits:
+            lines += ["| benchmark | training documents sharing an n-gram |", "|---|---:|"]
+            lines += [f"| {k} | {v} |" for k, v in sorted(hits.items())]
+        else:
+            lines.append(f"No training document shares an n-gram with the {len(d['benchmarks'])} "
+                         "eval sets.")
+    return "\n".join(lines) + "\n"
+
+
+def ensure_prepared(recipe: Recipe, log=print) -> dict[str, str]:
+    """Prefixes of the recipe's raw sources, preparing them first if the prepared data
+    is missing or stale. Every process may call this at once: a file lock lets one
+    prepare while the others wait and then find it done."""
+    import fcntl
+
+    out = prepared_dir(recipe)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not is_prepared(recipe):
+            log(f"preparing data into {out} (hcx data prepare)")
+            run(recipe, progress=False, log=log)
+    return {s.name: str(out / s.name) for s in raw_sources(recipe)}

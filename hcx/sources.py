@@ -1,0 +1,198 @@
+"""Reading raw corpora: files, directories, globs, installed Python sources, Hub datasets.
+
+A source names where documents come from; :func:`expand` turns it into a sorted list
+of files, :func:`raw_records` yields undecoded records with their file and line, and
+:func:`parse_record` turns one into text or raises :class:`BadRecord` naming both.
+Parsing is separate from reading so that worker processes can do it in parallel.
+
+Formats:
+- ``jsonl`` (``.jsonl``/``.json``): one JSON object per line, text in ``text_field``;
+- ``text``: plain text, one document per blank-line-separated block;
+- ``file``: a whole file is one document (source code);
+- ``parquet`` (``.parquet``): through ``datasets``;
+- Hugging Face Hub datasets (``hf://OWNER/NAME``), through ``datasets`` (needs network).
+
+Local JSONL and text are read by hand rather than through ``datasets`` because
+``datasets`` can neither name the line of a malformed record nor skip just that one.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import json
+import sysconfig
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hcx.errors import HcxError
+from hcx.paths import resolve
+
+PYTHON_SCHEME = "python://"  # python://stdlib: the installed Python standard library
+HUB_SCHEME = "hf://"
+CODE_SUFFIXES = {".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".hpp", ".rs", ".go", ".java", ".js",
+                 ".ts", ".sh", ".rb", ".kt", ".scala", ".swift", ".cu", ".lua", ".sql"}
+
+
+class SourceError(HcxError, ValueError):
+    """A source that cannot be read at all (no files, unknown format)."""
+
+
+class BadRecord(HcxError, ValueError):
+    """One record that cannot be used; ``reason`` is a short key for reports."""
+
+    def __init__(self, where: str, reason: str, detail: str):
+        super().__init__(f"{where}: {detail}")
+        self.where, self.reason = where, reason
+
+
+@dataclass(frozen=True)
+class RawRecord:
+    file: str
+    line: int                 # 1-based line where the record starts (0 for Hub rows)
+    data: bytes | dict[str, Any]
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.line}" if self.line else self.file
+
+
+def is_hub(path: str) -> bool:
+    return path.startswith(HUB_SCHEME)
+
+
+def _root(path: str) -> Path:
+    if path.startswith(PYTHON_SCHEME):
+        which = path[len(PYTHON_SCHEME):]
+        if which != "stdlib":
+            raise SourceError(f"{path}: only python://stdlib is known")
+        return Path(sysconfig.get_paths()["stdlib"])
+    return resolve(path)
+
+
+def expand(path: str, include: str = "*", exclude: tuple[str, ...] | list[str] = ()) -> list[Path]:
+    """The files of a source, sorted: a file, every file under a directory whose name
+    matches ``include``, or a glob. ``exclude`` globs are matched against the path
+    relative to the directory (e.g. ``test/*``, ``json/*``)."""
+    root = _root(path)
+    if any(ch in str(root) for ch in "*?["):
+        files = sorted(Path(p) for p in glob.glob(str(root), recursive=True) if Path(p).is_file())
+        base = None
+    elif root.is_dir():
+        files = sorted(p for p in root.rglob(include) if p.is_file())
+        base = root
+    elif root.is_file():
+        return [root]
+    else:
+        raise SourceError(f"{path}: no such file or directory ({root})")
+    if exclude:
+        def excluded(p: Path) -> bool:
+            rel = str(p.relative_to(base)) if base else str(p)
+            return any(fnmatch.fnmatch(rel, pattern) for pattern in exclude)
+
+        files = [p for p in files if not excluded(p)]
+    if not files:
+        raise SourceError(f"{path}: no files match (include {include!r}, exclude {list(exclude)})")
+    return files
+
+
+def detect_format(file: Path, language: str | None = None) -> str:
+    suffix = file.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        return "jsonl"
+    if suffix == ".parquet":
+        return "parquet"
+    if suffix in CODE_SUFFIXES or language == "code":
+        return "file"
+    return "text"
+
+
+def raw_records(file: Path, fmt: str) -> Iterator[RawRecord]:
+    """Records of one file, undecoded. An empty data file is a bad record (line 1), so
+    that it is reported or counted rather than silently contributing nothing."""
+    name = str(file)
+    if fmt == "parquet":
+        yield from _parquet_records(file)
+        return
+    with file.open("rb") as f:
+        if fmt == "file":
+            data = f.read()
+            yield RawRecord(name, 1, data)
+            return
+        if fmt == "jsonl":
+            empty = True
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    empty = False
+                    yield RawRecord(name, lineno, line)
+            if empty:
+                yield RawRecord(name, 1, b"")
+            return
+        if fmt != "text":
+            raise SourceError(f"{file}: unknown format {fmt!r} (jsonl, text, file, parquet)")
+        block: list[bytes] = []
+        start, lineno, empty = 1, 0, True
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                if not block:
+                    start = lineno
+                block.append(line)
+            elif block:
+                empty = False
+                yield RawRecord(name, start, b"".join(block))
+                block = []
+        if block:
+            empty = False
+            yield RawRecord(name, start, b"".join(block))
+        if empty:
+            yield RawRecord(name, 1, b"")
+
+
+def _parquet_records(file: Path) -> Iterator[RawRecord]:
+    import datasets
+
+    ds = datasets.load_dataset("parquet", data_files=str(file), split="train", streaming=True)
+    for i, row in enumerate(ds):
+        yield RawRecord(f"{file} row {i}", 0, row)
+
+
+def hub_records(dataset_id: str, config: str | None, split: str) -> Iterator[RawRecord]:
+    """Rows of a Hugging Face Hub dataset, streamed (needs network access)."""
+    import datasets
+
+    ds = datasets.load_dataset(dataset_id, config, split=split, streaming=True)
+    for i, row in enumerate(ds):
+        yield RawRecord(f"hf://{dataset_id} {split} row {i}", 0, row)
+
+
+def parse_record(record: RawRecord, fmt: str, text_field: str = "text") -> str:
+    """The text of a record, or :class:`BadRecord` naming the file and line."""
+    data = record.data
+    if isinstance(data, dict):
+        obj = data
+    else:
+        if not data.strip() and fmt == "file":
+            return ""  # an empty source file (``__init__.py``) is normal, not bad input
+        if not data.strip():
+            raise BadRecord(record.where, "empty", "empty file")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BadRecord(record.where, "invalid_utf8",
+                            f"invalid UTF-8 (byte {e.start} of the record: {e.reason})") from None
+        if fmt != "jsonl":
+            return text
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise BadRecord(record.where, "malformed_json", f"malformed JSON ({e.msg})") from None
+    if not isinstance(obj, dict) or text_field not in obj:
+        keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+        raise BadRecord(record.where, "missing_field", f"no field {text_field!r} (has {keys})")
+    value = obj[text_field]
+    if not isinstance(value, str):
+        raise BadRecord(record.where, "missing_field",
+                        f"field {text_field!r} is {type(value).__name__}, not a string")
+    return value
