@@ -95,13 +95,10 @@ def cmd_data_prepare(args: argparse.Namespace, argv: list[str]) -> int:
         overrides.append("data.prepare.skip_bad=true")
     recipe = load_recipe(args.recipe, overrides)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    prepare.ensure_prepared(recipe, force=args.force, progress=True, log=log)
     out = prepare.prepared_dir(recipe)
-    if not args.force and prepare.is_prepared(recipe):
-        log(f"{out} is up to date (use --force to prepare again)")
-    else:
-        log(f"preparing {len(prepare.raw_sources(recipe))} source(s) into {out}")
-        prepare.run(recipe, progress=True, log=log)
     print((out / "stats.md").read_text(), end="")
+    log(f"report: {out / 'stats.md'} and stats.json; 'hcx pretrain {args.recipe}' trains on it")
     return 0
 
 

@@ -136,8 +136,12 @@ class DocumentProcessor:
             if self.cfg.pii:
                 text, counts = mask_pii(text)
                 out.pii.update(counts)
-            ids, plain = self._tokenize(text, record, out)
-            out.tokens.append(np.asarray(ids + [eod], dtype=np.int32))
+            ids, plain_ids = self._tokenize(text, record, out)
+            tokens = np.empty(len(ids) + 1, dtype=np.int32)  # one conversion from the list
+            tokens[:-1] = ids
+            tokens[-1] = eod
+            plain = tokens[:-1] if plain_ids is None else np.asarray(plain_ids, dtype=np.int32)
+            out.tokens.append(tokens)
             out.where.append(record.where)
             out.language.append(self.source.language if self.source.language != "any"
                                 else detect_language(text))
@@ -155,12 +159,12 @@ class DocumentProcessor:
 
         return tuple(sorted(self.ngrams.labels_hit(word_hashes(tokens, self.starts_word))))
 
-    def _tokenize(self, text: str, record: RawRecord, out: ChunkResult) -> tuple[list[int], np.ndarray]:
-        """The document's training ids, and its plain ids (document order, no FIM
-        sentinels) for the duplicate and contamination checks."""
+    def _tokenize(self, text: str, record: RawRecord,
+                  out: ChunkResult) -> tuple[list[int], list[int] | None]:
+        """The document's training ids, and for FIM documents its plain ids (document
+        order, no sentinels) for the duplicate and contamination checks."""
         if self.fim_ids is None:
-            ids = self.tokenizer.encode(text)
-            return ids, np.asarray(ids, dtype=np.int64)
+            return self.tokenizer.encode(text), None
         from hcx.corpus.fim import fim_layout, fim_split
 
         fim = self.cfg.fim
@@ -169,14 +173,12 @@ class DocumentProcessor:
         key = zlib.crc32(f"{self.source.name}\0{record.where}".encode())
         rng = np.random.default_rng([self.cfg.seed, key])
         if rng.random() >= fim.rate:
-            ids = self.tokenizer.encode(text)
-            return ids, np.asarray(ids, dtype=np.int64)
+            return self.tokenizer.encode(text), None
         spm = bool(rng.random() < fim.spm_rate)
         mode = "random" if rng.random() < fim.random_split_rate else "thirds"
         prefix, middle, suffix = (self.tokenizer.encode(part) for part in fim_split(text, mode, rng))
         out.fim[("spm" if spm else "psm") + "_" + mode] += 1
-        return (fim_layout(prefix, middle, suffix, self.fim_ids, spm),
-                np.asarray(prefix + middle + suffix, dtype=np.int64))
+        return fim_layout(prefix, middle, suffix, self.fim_ids, spm), prefix + middle + suffix
 
 
 def word_start_table(tokenizer: Tokenizer) -> np.ndarray:
@@ -199,19 +201,52 @@ def fim_token_ids(tokenizer: Tokenizer) -> tuple[int, int, int]:
     return tuple(ids)
 
 
-# Pool workers build their processor once, in the initializer; a module-level slot is
-# how multiprocessing hands per-process state to the mapped function.
-_processor: DocumentProcessor | None = None
+class Processors:
+    """One :class:`DocumentProcessor` per source, built on first use (a worker serves
+    every source of a run, so the tokenizer and eval index load once per process)."""
+
+    def __init__(self, recipe: Recipe, ngram_index_path: str | None):
+        self.recipe, self.ngram_index_path = recipe, ngram_index_path
+        self.by_source: dict[int, DocumentProcessor] = {}
+
+    def __call__(self, job: tuple[int, list[RawRecord]]) -> ChunkResult:
+        index, chunk = job
+        if index not in self.by_source:
+            self.by_source[index] = DocumentProcessor(
+                self.recipe, self.recipe.data.sources[index], self.ngram_index_path)
+        return self.by_source[index](chunk)
 
 
-def _init_worker(recipe: Recipe, source: DataSource, ngram_index_path: str | None) -> None:
-    global _processor
+# Pool workers build their state once, in the initializer; a module-level slot is how
+# multiprocessing hands per-process state to the mapped function.
+_processors: Processors | None = None
+
+
+def _init_worker(recipe: Recipe, ngram_index_path: str | None) -> None:
+    global _processors
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and cleans up
-    _processor = DocumentProcessor(recipe, source, ngram_index_path)
+    _processors = Processors(recipe, ngram_index_path)
 
 
-def _work(chunk: list[RawRecord]) -> ChunkResult:
-    return _processor(chunk)
+def _work(job: tuple[int, list[RawRecord]]) -> ChunkResult:
+    return _processors(job)
+
+
+def start_workers(recipe: Recipe, ngram_index_path: str | None):
+    """A function mapping ``(source index, chunks)`` to results in input order: in this
+    process for one worker, else on a pool started once for the whole run. Returns
+    it and a function that stops the pool."""
+    workers = recipe.data.prepare.workers
+    if workers == 1:
+        processors = Processors(recipe, ngram_index_path)
+        return (lambda index, chunks: (processors((index, c)) for c in chunks)), (lambda: None)
+    # spawn, not fork: the parent has threads (torch, tokenizers, tqdm), and a forked
+    # child can die holding a lock; an executor then fails loudly instead of hanging.
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_init_worker, initargs=(recipe, ngram_index_path))
+    return ((lambda index, chunks: ordered_map(pool, _work, ((index, c) for c in chunks),
+                                               in_flight=2 * workers)),
+            (lambda: pool.shutdown(wait=True, cancel_futures=True)))
 
 
 def ordered_map(pool: ProcessPoolExecutor, fn, items: Iterable, in_flight: int) -> Iterator:
@@ -334,32 +369,21 @@ def _remove(prefix: Path) -> None:
         Path(str(prefix) + ext).unlink(missing_ok=True)
 
 
-def prepare_source(recipe: Recipe, source: DataSource, out_dir: Path, cross: CrossDocumentFilter,
-                   ngram_index_path: str | None, progress: bool) -> SourceStats:
+def prepare_source(recipe: Recipe, index: int, out_dir: Path, cross: CrossDocumentFilter,
+                   process, progress: bool) -> SourceStats:
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
     from tqdm import tqdm
 
     from hcx.data import token_dtype
 
-    cfg = recipe.data.prepare
+    source = recipe.data.sources[index]
     stats = SourceStats(source.name, source.language, source.weight)
     t0 = time.time()
     tokenizer = load_tokenizer(recipe.data.tokenizer)
     final = out_dir / source.name
     tmp = out_dir / f"{source.name}.tmp{os.getpid()}"
     builder = IndexedDatasetBuilder(str(tmp) + ".bin", dtype=token_dtype(tokenizer.vocab_size))
-    chunks = chunked(source_records(source))
-    if cfg.workers > 1:
-        # spawn, not fork: the parent has threads (torch, tokenizers, tqdm), and a forked
-        # child can die holding a lock; an executor then fails loudly instead of hanging.
-        pool = ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_init_worker,
-                                   initargs=(recipe, source, ngram_index_path))
-        results = ordered_map(pool, _work, chunks, in_flight=2 * cfg.workers)
-    else:
-        pool = None
-        processor = DocumentProcessor(recipe, source, ngram_index_path)
-        results = map(processor, chunks)
+    results = process(index, chunked(source_records(source)))
     bar = tqdm(total=source_bytes(source), unit="B", unit_scale=True, desc=source.name,
                disable=not progress, leave=False, file=sys.stderr)
     try:
@@ -394,8 +418,6 @@ def prepare_source(recipe: Recipe, source: DataSource, out_dir: Path, cross: Cro
         os.replace(str(tmp) + ".idx", str(final) + ".idx")
     finally:
         bar.close()
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
         _remove(tmp)
     stats.seconds = time.time() - t0
     return stats
@@ -493,7 +515,9 @@ def fingerprint(recipe: Recipe) -> str:
                                  for f in expand(s.path, s.include, s.exclude)]
             except SourceError as e:
                 raise PrepareError(f"data source {s.name!r}: {e}") from None
-    prep = recipe.data.prepare.model_dump(exclude={"workers", "output_dir"})
+    # Not part of it: how many workers (the output is the same) and skip_bad (data
+    # prepared with --skip-bad is prepared; a later pretrain must not redo it strictly).
+    prep = recipe.data.prepare.model_dump(exclude={"workers", "output_dir", "skip_bad"})
     key = json.dumps([FORMAT_VERSION, tokenizer.fingerprint(), prep,
                       [s.model_dump(exclude={"weight"}) for s in raw_sources(recipe)], files],
                      sort_keys=True, default=str)
@@ -538,12 +562,19 @@ def run(recipe: Recipe, progress: bool = True, log=print) -> dict:
     cross = CrossDocumentFilter(cfg, benchmarks)
     all_stats = []
     with _terminate_as_interrupt():
-        for source in sources:
-            stats = prepare_source(recipe, source, out, cross, index_path, progress)
-            log(f"  {source.name}: {stats.documents:,} documents, {stats.tokens:,} tokens "
-                f"({stats.bytes_in / 1e6:.1f} MB at {stats.bytes_in / 1e6 / stats.seconds:.1f} MB/s)"
-                + (f"; removed {dict(stats.removed)}" if stats.removed else ""))
-            all_stats.append(stats)
+        process, stop_workers = start_workers(recipe, index_path)
+        try:
+            for index, source in enumerate(recipe.data.sources):
+                if source.path is None:
+                    continue
+                stats = prepare_source(recipe, index, out, cross, process, progress)
+                log(f"  {source.name}: {stats.documents:,} documents, {stats.tokens:,} tokens "
+                    f"({stats.bytes_in / 1e6:.1f} MB at "
+                    f"{stats.bytes_in / 1e6 / stats.seconds:.1f} MB/s)"
+                    + (f"; removed {dict(stats.removed)}" if stats.removed else ""))
+                all_stats.append(stats)
+        finally:
+            stop_workers()
     report = {
         "recipe": recipe.name,
         "tokenizer": load_tokenizer(recipe.data.tokenizer).name,
@@ -618,17 +649,21 @@ def markdown_report(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def ensure_prepared(recipe: Recipe, log=print) -> dict[str, str]:
+def ensure_prepared(recipe: Recipe, force: bool = False, progress: bool = False,
+                    log=print) -> dict[str, str]:
     """Prefixes of the recipe's raw sources, preparing them first if the prepared data
-    is missing or stale. Every process may call this at once: a file lock lets one
-    prepare while the others wait and then find it done."""
+    is missing or stale (or ``force``). Every process (and ``hcx data prepare`` beside
+    a starting ``hcx pretrain``) may call this at once: a file lock lets one prepare
+    while the others wait and then find it done."""
     import fcntl
 
     out = prepared_dir(recipe)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not is_prepared(recipe):
+        if force or not is_prepared(recipe):
             log(f"preparing data into {out} (hcx data prepare)")
-            run(recipe, progress=False, log=log)
+            run(recipe, progress=progress, log=log)
+        else:
+            log(f"prepared data in {out} is up to date")
     return {s.name: str(out / s.name) for s in raw_sources(recipe)}

@@ -4,7 +4,8 @@ against hand-computed values.
 Measured on one core (Python 3.11, numpy 2.4), ko_legalize_kr_precedents (12 MB of
 Korean court decisions): normalize 420-550 MB/s, filter_reason("ko") 37-47 MB/s (the
 word 2-gram Counter dominates), mask_pii ~160 MB/s, the three chained ~34 MB/s;
-MinHasher.signature (128 perms, 5-grams) 4.5-6 M tokens/s; NgramIndex.labels_hit
+MinHasher.signature (128 bins, 5-grams) ~40 M tokens/s (one-permutation hashing; 4.5-6 M with
+128 permutations); NgramIndex.labels_hit
 against a 20M n-gram index ~8 M tokens/s.
 """
 
@@ -322,14 +323,28 @@ def test_ngram_hashes_match_plain_python():
         ngram_hashes(np.array([1.0, 2.0]), 1)
 
 
-def test_signature_matches_plain_python_across_chunks():
-    hasher = MinHasher(num_perm=8, ngram=5, seed=3)
-    tokens = np.random.default_rng(0).integers(0, 50_000, 9_000)  # > 2 chunks of shingles
-    shingles = [_ngram_hash_reference(tokens[i:i + 5].tolist()) for i in range(len(tokens) - 4)]
-    want = [min(((int(a) * x + int(b)) & M64) >> 32 for x in shingles)
-            for a, b in zip(hasher._a, hasher._b)]
+def _oph_reference(hasher: MinHasher, tokens: list[int]) -> list[int]:
+    """One-permutation hashing with rotation densification, in plain Python."""
+    k, n = hasher.num_perm, min(hasher.ngram, len(tokens))
+    hashes = [_splitmix64(_ngram_hash_reference(tokens[i:i + n]) ^ int(hasher._salt))
+              for i in range(len(tokens) - n + 1)]
+    mins: dict[int, int] = {}
+    for h in hashes:
+        b = ((h >> 32) * k) >> 32
+        mins[b] = min(mins.get(b, h), h)
+    out = []
+    for b in range(k):
+        d = next(d for d in range(k) if (b + d) % k in mins)  # next non-empty bin
+        out.append(((mins[(b + d) % k] & 0xFFFFFFFF) + d * 0x9E3779B1) & 0xFFFFFFFF)
+    return out
+
+
+@pytest.mark.parametrize("size", [9_000, 40, 5, 3])  # long, sparse bins, one shingle, short
+def test_signature_matches_plain_python(size):
+    hasher = MinHasher(num_perm=16, ngram=5, seed=3)
+    tokens = np.random.default_rng(size).integers(0, 50_000, size)
     got = hasher.signature(tokens)
-    assert got.dtype == np.uint32 and got.tolist() == want
+    assert got.dtype == np.uint32 and got.tolist() == _oph_reference(hasher, tokens.tolist())
 
 
 def test_signature_basics():

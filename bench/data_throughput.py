@@ -1,0 +1,409 @@
+"""Data pipeline throughput: raw SentencePiece, Hugging Face tokenizers and
+``hcx data prepare``, in one run on the same corpus.
+
+    .venv/bin/python bench/data_throughput.py [--mb N] [--repeat N] [--one-source] [--json out.json]
+
+Corpus: the Korean and English JSONL sources ``ko_legalize_kr_laws``,
+``ko_nsmc_reviews`` and ``en_sotu_addresses`` under ``data://train/pretrain/``
+(about 31 MB of text). ``--mb N`` keeps the first ~N MB, split over the three in
+proportion to their size. Every method reads the same files (links to, or cuts of,
+the sources in one temporary directory).
+
+Methods, all with the shipped tokenizer ``tokenizer/hcx-ko-en-32k`` (the
+SentencePiece ``tokenizer.model`` and its identical Hugging Face ``tokenizer.json``):
+
+* SentencePiece ``sp.encode(text)`` per document, one process, one thread: the
+  baseline every ratio is taken against; also ``sp.encode(list, num_threads=1)``
+  and ``num_threads=<cores>`` over 1 MB batches.
+* Hugging Face ``tokenizers`` ``encode_batch(texts, add_special_tokens=False)`` over
+  1 MB batches, in a fresh subprocess: once with its default Rayon thread pool (all
+  cores) and once with ``RAYON_NUM_THREADS=1`` (one thread, the per-core comparison).
+* ``hcx.prepare.run`` (what ``hcx data prepare`` calls) with ``data.prepare.workers``
+  1 and 2, from a recipe that inherits ``recipes/tiny.yaml`` with these sources and no
+  decontamination, in two configurations:
+  ``full`` (NFC/control characters, filters, PII masking, exact + MinHash dedup,
+  tokenize, write ``.bin/.idx``) and ``tokenize-only`` (``dedup.exact=false
+  dedup.near=false pii=false``; parsing, normalization and filters remain). Each
+  run gets a fresh output directory; the whole ``run`` call is timed, so worker
+  start-up (spawn: a new interpreter that imports hcx and loads the tokenizer, once
+  per run) and writing the datasets count. One small untimed run first pays the
+  parent's one-off imports (megatron's dataset builder). ``--one-source`` adds rows
+  that prepare the same files as a single source (``language: any``: no language
+  filter, language detected per document).
+
+MB/s everywhere is MB (10^6 bytes) of the UTF-8 text of the documents' ``text``
+field divided by wall-clock seconds, so all rows share one numerator. The JSON also
+keeps prepare's own figure (``stats.json``: JSONL file bytes over the sum of
+per-source seconds, which leaves out recipe loading and the final stats files).
+Medians over ``--repeat`` runs of each method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from hcx.cli import quiet_known_warnings  # noqa: E402
+from hcx.paths import resolve  # noqa: E402
+
+TOKENIZER_DIR = ROOT / "tokenizer" / "hcx-ko-en-32k"
+BASE_RECIPE = ROOT / "recipes" / "tiny.yaml"
+SOURCES = [  # name, language, path
+    ("ko_laws", "ko", "data://train/pretrain/ko_legalize_kr_laws/train.jsonl"),
+    ("ko_nsmc", "ko", "data://train/pretrain/ko_nsmc_reviews/train.jsonl"),
+    ("en_sotu", "en", "data://train/pretrain/en_sotu_addresses/train.jsonl"),
+]
+BATCH_BYTES = 1 << 20  # batch size for the batch encoders (prepare's CHUNK_BYTES)
+NEAR_LINEAR = 1.8      # 2-worker / 1-worker speed-up counted as "near-linear" (90%)
+
+
+# --- the corpus -------------------------------------------------------------------------------
+
+
+@dataclass
+class Source:
+    name: str
+    language: str
+    path: Path            # what every method reads (in the temporary corpus directory)
+    origin: Path
+    file_bytes: int = 0
+    text_bytes: int = 0
+    documents: int = 0
+
+
+def read_texts(path: Path) -> list[str]:
+    with path.open("rb") as f:
+        return [json.loads(line)["text"] for line in f if line.strip()]
+
+
+def corpus(mb: float | None, tmp: Path) -> list[Source]:
+    """The benchmark sources as ``tmp/corpus/<name>.jsonl``: links to the files, or
+    with ``mb`` their first whole lines up to their share of ``mb`` MB."""
+    (tmp / "corpus").mkdir(parents=True)
+    sources = [Source(name, lang, tmp / "corpus" / f"{name}.jsonl", resolve(path))
+               for name, lang, path in SOURCES]
+    total = sum(s.origin.stat().st_size for s in sources)
+    for s in sources:
+        if not mb:
+            s.path.symlink_to(s.origin.resolve())
+            continue
+        budget = mb * 1e6 * s.origin.stat().st_size / total
+        with s.origin.open("rb") as src, s.path.open("wb") as dst:
+            size = 0
+            for line in src:
+                if size >= budget:
+                    break
+                dst.write(line)
+                size += len(line)
+    for s in sources:
+        texts = read_texts(s.path)
+        s.file_bytes = s.path.stat().st_size
+        s.text_bytes = sum(len(t.encode("utf-8")) for t in texts)
+        s.documents = len(texts)
+    return sources
+
+
+def batches(texts: list[str], max_bytes: int = BATCH_BYTES) -> list[list[str]]:
+    out, cur, size = [], [], 0
+    for t in texts:
+        cur.append(t)
+        size += len(t.encode("utf-8"))
+        if size >= max_bytes:
+            out.append(cur)
+            cur, size = [], 0
+    if cur:
+        out.append(cur)
+    return out
+
+
+# --- raw encoders -----------------------------------------------------------------------------
+
+
+def timed(fn, repeat: int) -> dict:
+    """Median seconds of ``fn()`` over ``repeat`` calls, all of them, and the result
+    of the last call (a token count)."""
+    times, result = [], 0
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t0)
+    return {"seconds": statistics.median(times), "all_seconds": times, "tokens": result}
+
+
+def bench_sentencepiece(texts: list[str], repeat: int) -> list[dict]:
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(TOKENIZER_DIR / "tokenizer.model"))
+    chunks = batches(texts)
+    cores = os.cpu_count() or 1
+
+    def loop():
+        return sum(len(sp.encode(t)) for t in texts)
+
+    def batch(threads):
+        return lambda: sum(len(ids) for b in chunks for ids in sp.encode(b, num_threads=threads))
+
+    rows = []
+    for method, threads, fn in [("SentencePiece `encode(text)` per document", 1, loop),
+                                ("SentencePiece `encode(list, num_threads=1)`", 1, batch(1)),
+                                (f"SentencePiece `encode(list, num_threads={cores})`", cores,
+                                 batch(cores))]:
+        rows.append({"method": method, "kind": "sentencepiece", "parallel": threads,
+                     **timed(fn, repeat)})
+    return rows
+
+
+def hf_child(paths: list[str], repeat: int) -> None:
+    """Runs in a subprocess (so Rayon's pool size is fixed by its environment)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(TOKENIZER_DIR / "tokenizer.json"))
+    chunks = batches([t for p in paths for t in read_texts(Path(p))])
+
+    def run():
+        return sum(len(e.ids) for b in chunks
+                   for e in tok.encode_batch(b, add_special_tokens=False))
+
+    print(json.dumps(timed(run, repeat)))
+
+
+def bench_hf(sources: list[Source], repeat: int) -> list[dict]:
+    rows = []
+    cores = os.cpu_count() or 1
+    for threads in (None, 1):
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("RAYON_NUM_THREADS", "RAYON_RS_NUM_CPUS", "TOKENIZERS_PARALLELISM")}
+        if threads is not None:
+            env["RAYON_NUM_THREADS"] = str(threads)
+            env["TOKENIZERS_PARALLELISM"] = "false"
+        cmd = [sys.executable, __file__, "--hf-child", "--repeat", str(repeat),
+               *[str(s.path) for s in sources]]
+        out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+        result = json.loads(out.strip().splitlines()[-1])
+        label = ("HF tokenizers `encode_batch`, default Rayon pool (all cores)" if threads is None
+                 else "HF tokenizers `encode_batch`, `RAYON_NUM_THREADS=1`")
+        rows.append({"method": label, "kind": "hf", "parallel": threads or cores, **result})
+    return rows
+
+
+# --- hcx data prepare -------------------------------------------------------------------------
+
+
+CONFIGS = {
+    "full": {},
+    "tokenize-only": {"dedup": {"exact": False, "near": False}, "pii": False},
+}
+
+
+def prepare_recipe(sources: list[Source], workers: int, config: str, out: Path,
+                   one_source: bool = False):
+    import yaml
+
+    from hcx.config import load_recipe
+
+    if one_source:  # the corpus directory as one source
+        entries = [{"name": "all", "language": "any", "path": str(sources[0].path.parent)}]
+    else:
+        entries = [{"name": s.name, "language": s.language, "path": str(s.path)} for s in sources]
+
+    prepare = {"workers": workers, "decontaminate": None, "output_dir": str(out / "prepared"),
+               **CONFIGS[config]}
+    data = {
+        "base": str(BASE_RECIPE),
+        "output_dir": str(out),
+        "data": {
+            "tokenizer": {"kind": "sentencepiece", "path": str(TOKENIZER_DIR / "tokenizer.model")},
+            "sources": entries,
+            "prepare": prepare,
+        },
+    }
+    path = out / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return load_recipe(path)
+
+
+def bench_prepare(sources: list[Source], tmp: Path, repeat: int, one_source: bool) -> list[dict]:
+    from hcx.prepare import run
+
+    # Warm-up, untimed: one small single-process run pays the parent's one-off imports
+    # (megatron's IndexedDatasetBuilder alone takes seconds) and lazy tables, which
+    # would otherwise land on whichever configuration ran first.
+    warm = tmp / "warmup"
+    small = corpus(0.3, warm)
+    run(prepare_recipe(small, 1, "full", warm), progress=False, log=lambda *a: None)
+
+    rows = []
+    layouts = ["sources", "one source"] if one_source else ["sources"]
+    runs = [(layout, config, w) for layout in layouts for config in CONFIGS for w in (1, 2)]
+    for layout, config, workers in runs:
+        times, reports = [], []
+        for i in range(repeat):
+            out = tmp / f"prepare-{layout.replace(' ', '-')}-{config}-{workers}w-{i}"
+            out.mkdir(parents=True)
+            recipe = prepare_recipe(sources, workers, config, out, layout == "one source")
+            t0 = time.perf_counter()
+            report = run(recipe, progress=False, log=lambda *a: None)
+            times.append(time.perf_counter() - t0)
+            reports.append(report)
+        k = times.index(statistics.median_low(times))
+        report = reports[k]
+        per_source = {s["name"]: {"seconds": s["seconds"], "bytes_in": s["bytes_in"],
+                                  "documents": s["documents"], "records": s["records"],
+                                  "removed": s["removed"], "mb_per_second": s["mb_per_second"]}
+                      for s in report["sources"]}
+        bytes_in = sum(s["bytes_in"] for s in report["sources"])
+        src_seconds = sum(s["seconds"] for s in report["sources"])
+        rows.append({
+            "method": f"`hcx data prepare`, {config}"
+                      + (", one source (`language: any`)" if layout == "one source" else ""),
+            "kind": "prepare", "config": config, "layout": layout,
+            "parallel": workers, "seconds": statistics.median(times), "all_seconds": times,
+            "tokens": sum(s["tokens"] for s in report["sources"]),
+            "documents": sum(s["documents"] for s in report["sources"]),
+            "stats_mb_per_second": bytes_in / 1e6 / src_seconds, "sources": per_source,
+        })
+    return rows
+
+
+# --- report -----------------------------------------------------------------------------------
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def versions() -> dict:
+    import sentencepiece
+    import tokenizers
+
+    return {"python": platform.python_version(), "sentencepiece": sentencepiece.__version__,
+            "tokenizers": tokenizers.__version__}
+
+
+def verdicts(rows: list[dict], sp: float) -> list[str]:
+    """The issue's three targets, per prepare configuration (``sp``: raw SP MB/s)."""
+    hf = {r["parallel"]: r["mb_per_second"] for r in rows if r["kind"] == "hf"}
+    lines = []
+    for config in CONFIGS:
+        p = {r["parallel"]: r for r in rows
+             if r.get("config") == config and r["layout"] == "sources"}
+        per_worker = [p[w]["per_worker_vs_sp"] for w in (1, 2)]
+        ok = min(per_worker) >= 0.8
+        lines.append(f"{config}: per-worker >= 0.8x raw SP: {'meets' if ok else 'does not meet'} "
+                     f"(1w {per_worker[0]:.2f}x, 2w {per_worker[1]:.2f}x of {sp:.2f} MB/s)")
+        scale = p[2]["mb_per_second"] / p[1]["mb_per_second"]
+        lines.append(f"{config}: near-linear scaling (2w/1w >= {NEAR_LINEAR}): "
+                     f"{'meets' if scale >= NEAR_LINEAR else 'does not meet'} ({scale:.2f}x)")
+        faster = all(p[w]["mb_per_second"] > hf[w] for w in (1, 2) if w in hf)
+        lines.append(f"{config}: faster than HF at the same core count: "
+                     f"{'meets' if faster else 'does not meet'} ("
+                     + ", ".join(f"{w}w {p[w]['mb_per_second']:.2f} vs HF {w}t {hf[w]:.2f} MB/s"
+                                 for w in (1, 2) if w in hf) + ")")
+    return lines
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mb", type=float, help="cap the corpus at about N MB (default: all ~31 MB)")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per method (median reported)")
+    ap.add_argument("--skip-prepare", action="store_true")
+    ap.add_argument("--one-source", action="store_true",
+                    help="also prepare the corpus as one source (one worker pool)")
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--hf-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("paths", nargs="*", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.hf_child:
+        hf_child(args.paths, args.repeat)
+        return 0
+
+    quiet_known_warnings()
+    cores = os.cpu_count() or 1
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="hcx-data-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        sources = corpus(args.mb, tmp)
+        texts = [t for s in sources for t in read_texts(s.path)]
+        text_mb = sum(s.text_bytes for s in sources) / 1e6
+        rows = bench_sentencepiece(texts, args.repeat)
+        del texts
+        rows += bench_hf(sources, args.repeat)
+        if not args.skip_prepare:
+            rows += bench_prepare(sources, tmp, args.repeat, args.one_source)
+
+    sp_row = rows[0]
+    sp = text_mb / sp_row["seconds"]
+    for row in rows:
+        row["mb_per_second"] = text_mb / row["seconds"]
+        row["vs_sp"] = row["mb_per_second"] / sp
+        if row["kind"] == "prepare":
+            row["per_worker_vs_sp"] = row["vs_sp"] / row["parallel"]
+    same_ids = len({r["tokens"] for r in rows if r["kind"] != "prepare"}) == 1
+    result = {
+        "date": date.today().isoformat(), "cpu": cpu_name(), "cores": cores,
+        "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        **versions(), "tokenizer": str(TOKENIZER_DIR.relative_to(ROOT)),
+        "corpus": [{"name": s.name, "language": s.language, "path": str(s.origin),
+                    "documents": s.documents, "text_bytes": s.text_bytes,
+                    "file_bytes": s.file_bytes} for s in sources],
+        "text_mb": text_mb, "repeat": args.repeat, "load_average_1min_before": load_before,
+        "raw_encoders_same_token_count": same_ids,
+        "rows": rows,
+    }
+
+    print(f"{result['cpu']}, {cores} cores | {result['date']} | sentencepiece "
+          f"{result['sentencepiece']}, tokenizers {result['tokenizers']}, "
+          f"Python {result['python']} | load average before: {load_before:.2f}")
+    print(f"corpus: {text_mb:.1f} MB of text, {sum(s.documents for s in sources):,} documents ("
+          + ", ".join(f"{s.name} {s.text_bytes / 1e6:.1f} MB" for s in sources) + ")"
+          + ("" if same_ids else "; WARNING: raw encoders disagree on the token count"))
+    print()
+    print("| method | workers / threads | seconds | MB/s | vs raw SP | per worker vs raw SP |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        per = f"{r['per_worker_vs_sp']:.2f}x" if "per_worker_vs_sp" in r else ""
+        print(f"| {r['method']} | {r['parallel']} | {r['seconds']:.2f} | {r['mb_per_second']:.2f} "
+              f"| {r['vs_sp']:.2f}x | {per} |")
+    if not args.skip_prepare:
+        print()
+        result["scaling"] = {}
+        for layout in dict.fromkeys(r["layout"] for r in rows if r["kind"] == "prepare"):
+            for config in CONFIGS:
+                p = {r["parallel"]: r for r in rows
+                     if r.get("config") == config and r["layout"] == layout}
+                scale = p[2]["mb_per_second"] / p[1]["mb_per_second"]
+                result["scaling"][f"{config}, {layout}"] = scale
+                secs = "; ".join(f"{w}w " + ", ".join(f"{n} {v['seconds']:.1f}s" for n, v in
+                                                      p[w]["sources"].items()) for w in (1, 2))
+                print(f"prepare {config} ({layout}): 2w/1w {scale:.2f}x; seconds per source "
+                      f"(stats.json): {secs}")
+        result["targets"] = verdicts(rows, sp)
+        print()
+        for line in result["targets"]:
+            print("target", line)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
