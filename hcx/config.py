@@ -134,7 +134,7 @@ class FilterSettings(_Strict):
 class DedupSettings(_Strict):
     exact: bool = True
     near: bool = Field(default=True, description="MinHash LSH near-duplicates")
-    threshold: float = Field(default=0.8, gt=0, le=1, description="estimated Jaccard of "
+    threshold: float = Field(default=0.8, gt=0, lt=1, description="estimated Jaccard of "
                              "token 5-gram sets above which a document is a near-duplicate")
     num_perm: int = Field(default=128, gt=0)
     ngram: int = Field(default=5, gt=0)

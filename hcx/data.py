@@ -12,6 +12,7 @@ uninterrupted run would have read.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -83,7 +84,8 @@ def materialize_sources(recipe: Recipe, tokenizer: Tokenizer) -> list[str]:
     may call at once)."""
     from hcx.prepare import ensure_prepared, raw_sources
 
-    prepared = ensure_prepared(recipe, log=_log_rank0) if raw_sources(recipe) else {}
+    prepared = (ensure_prepared(recipe, log=_log_any_rank, say_up_to_date=False)
+                if raw_sources(recipe) else {})
     prefixes = []
     for source in recipe.data.sources:
         if source.prefix is not None:
@@ -100,9 +102,10 @@ def materialize_sources(recipe: Recipe, tokenizer: Tokenizer) -> list[str]:
     return prefixes
 
 
-def _log_rank0(message: str) -> None:
-    if os.environ.get("RANK", "0") == "0":
-        print(f"hcx: {message}", flush=True)
+def _log_any_rank(message: str) -> None:
+    """Whichever rank takes the lock prepares the data; it says so, with its rank."""
+    rank = os.environ.get("RANK", "0")
+    print(f"hcx: {message}" if rank == "0" else f"hcx [rank {rank}]: {message}", flush=True)
 
 
 # --- building samples -------------------------------------------------------------------
@@ -161,6 +164,18 @@ def check_splits(recipe: Recipe, prefixes: list[str]) -> None:
                 )
 
 
+def _contents_digest(prefixes: list[str]) -> str:
+    """Changes when any dataset file is rewritten. megatron keys its sample-index cache
+    on the dataset path (not its contents), and ``hcx data prepare`` rewrites datasets
+    in place: without this, re-prepared data would be read through stale indices."""
+    h = hashlib.sha1()
+    for prefix in prefixes:
+        for ext in (".bin", ".idx"):
+            st = Path(prefix + ext).stat()
+            h.update(f"{prefix}{ext}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
 def build_datasets(recipe: Recipe, prefixes: list[str], tokenizer: Tokenizer) -> Datasets:
     from megatron.core.datasets.blended_megatron_dataset_builder import (
         BlendedMegatronDatasetBuilder,
@@ -179,7 +194,7 @@ def build_datasets(recipe: Recipe, prefixes: list[str], tokenizer: Tokenizer) ->
         # pad == eod (a tokenizer without a pad token) is safe: megatron then treats
         # the pad as absent (allow_ambiguous_pad_tokens=False), tested in test_units.
         tokenizer=_TokenizerInfo(tokenizer.vocab_size, tokenizer.eod, tokenizer.pad,
-                                 tokenizer.fingerprint()),
+                                 tokenizer.fingerprint() + "/" + _contents_digest(prefixes)),
         reset_position_ids=False,
         reset_attention_mask=False,
         eod_mask_loss=False,

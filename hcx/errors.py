@@ -11,9 +11,11 @@ class LaunchError(HcxError, RuntimeError):
     """The processes or the machine do not match the recipe (world size, Transformer Engine)."""
 
 
-class Stopped(HcxError, RuntimeError):
+class Stopped(BaseException):
     """SIGTERM/SIGINT arrived and the command stopped cleanly (training saved a
-    checkpoint of its last finished step; data preparation removed its partial files)."""
+    checkpoint of its last finished step; data preparation removed its partial files).
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` on the
+    way (a library wrapper, an error-naming handler) can swallow it."""
 
     def __init__(self, message: str, signum: int):
         super().__init__(message)

@@ -21,10 +21,12 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 import zlib
 from collections import Counter, defaultdict, deque
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,50 +109,52 @@ class DocumentProcessor:
             self.fim_ids = FimIds(*fim_token_ids(self.tokenizer))
 
     def __call__(self, chunk: list[RawRecord]) -> ChunkResult:
-        from hcx.corpus.clean import detect_language, filter_reason, normalize
-        from hcx.corpus.pii import mask_pii
-
         out = ChunkResult()
-        eod = self.tokenizer.eod
         for record in chunk:
             out.records += 1
-            if not isinstance(record.data, dict):
-                out.bytes_in += len(record.data)
-            fmt = self.fmt if self.fmt != "auto" else detect_format(Path(record.file),
-                                                                    self.source.language)
+            out.bytes_in += record.size
             try:
-                text = parse_record(record, fmt, self.source.text_field)
+                self._one(record, out)
             except BadRecord as e:
                 if not self.cfg.skip_bad:
                     out.bad = str(e)
                     return out
                 out.drop(f"bad_{e.reason}", record.where)
-                continue
-            text = normalize(text)
-            reason = filter_reason(text, self.source.language, self.filters)
-            if reason:
-                out.drop(reason, record.where)
-                continue
-            text_hash = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(),
-                                       "little")
-            if self.cfg.pii:
-                text, counts = mask_pii(text)
-                out.pii.update(counts)
-            ids, plain_ids = self._tokenize(text, record, out)
-            tokens = np.empty(len(ids) + 1, dtype=np.int32)  # one conversion from the list
-            tokens[:-1] = ids
-            tokens[-1] = eod
-            plain = tokens[:-1] if plain_ids is None else np.asarray(plain_ids, dtype=np.int32)
-            out.tokens.append(tokens)
-            out.where.append(record.where)
-            out.language.append(self.source.language if self.source.language != "any"
-                                else detect_language(text))
-            out.chars.append(len(text))
-            out.text_hash.append(text_hash)
-            if self.minhasher is not None:
-                out.signatures.append(self.minhasher.signature(plain))
-            out.contaminated.append(self._benchmarks_quoted(plain))
+            except Exception as e:  # a bug or a library's surprise: still name the record
+                raise PrepareError(f"{record.where}: unexpected {type(e).__name__} while "
+                                   f"preparing this record: {e}") from e
         return out
+
+    def _one(self, record: RawRecord, out: ChunkResult) -> None:
+        from hcx.corpus.clean import detect_language, filter_reason, normalize
+        from hcx.corpus.pii import mask_pii
+
+        fmt = self.fmt if self.fmt != "auto" else detect_format(Path(record.file),
+                                                                self.source.language)
+        text = normalize(parse_record(record, fmt, self.source.text_field))
+        reason = filter_reason(text, self.source.language, self.filters)
+        if reason:
+            out.drop(reason, record.where)
+            return
+        text_hash = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(),
+                                   "little")
+        if self.cfg.pii:
+            text, counts = mask_pii(text)
+            out.pii.update(counts)
+        ids, plain_ids = self._tokenize(text, record, out)
+        tokens = np.empty(len(ids) + 1, dtype=np.int32)  # one conversion from the list
+        tokens[:-1] = ids
+        tokens[-1] = self.tokenizer.eod
+        plain = tokens[:-1] if plain_ids is None else np.asarray(plain_ids, dtype=np.int32)
+        out.tokens.append(tokens)
+        out.where.append(record.where)
+        out.language.append(self.source.language if self.source.language != "any"
+                            else detect_language(text))
+        out.chars.append(len(text))
+        out.text_hash.append(text_hash)
+        if self.minhasher is not None:
+            out.signatures.append(self.minhasher.signature(plain))
+        out.contaminated.append(self._benchmarks_quoted(plain))
 
     def _benchmarks_quoted(self, tokens: np.ndarray) -> tuple[int, ...]:
         if self.ngrams is None:
@@ -182,10 +186,17 @@ class DocumentProcessor:
 
 
 def word_start_table(tokenizer: Tokenizer) -> np.ndarray:
-    """For each id: does its text begin with whitespace (a new word)?"""
+    """For each id: does its text begin with whitespace (a new word)?
+
+    Each id is decoded after an anchor token, because many tokenizers (SentencePiece
+    with a dummy prefix, HF Metaspace) drop a token's leading space when it is decoded
+    first."""
+    anchor = tokenizer.encode("a")[:1]
+    head = tokenizer.decode(anchor)
     table = np.zeros(tokenizer.vocab_size, dtype=bool)
     for i in range(tokenizer.vocab_size):
-        text = tokenizer.decode([i])
+        text = tokenizer.decode(anchor + [i])
+        text = text[len(head):] if text.startswith(head) else text
         table[i] = bool(text) and text[0].isspace()
     return table
 
@@ -224,7 +235,14 @@ _processors: Processors | None = None
 
 def _init_worker(recipe: Recipe, ngram_index_path: str | None) -> None:
     global _processors
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and cleans up
+    # The parent handles Ctrl-C and SIGTERM (also when a scheduler signals the whole
+    # process group): it stops the pool and removes partial files. A worker whose
+    # parent died (SIGKILL, out of memory) exits instead of lingering.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=lambda: (parent.join(), os._exit(1)), daemon=True).start()
     _processors = Processors(recipe, ngram_index_path)
 
 
@@ -277,7 +295,7 @@ def chunked(records: Iterable[RawRecord], max_bytes: int = CHUNK_BYTES) -> Itera
     chunk, size = [], 0
     for record in records:
         chunk.append(record)
-        size += len(record.data) if not isinstance(record.data, dict) else 1024
+        size += record.size
         if size >= max_bytes:
             yield chunk
             chunk, size = [], 0
@@ -345,11 +363,19 @@ class CrossDocumentFilter:
     def keep(self, result: ChunkResult, i: int, stats: SourceStats) -> bool:
         where = result.where[i]
         hits = result.contaminated[i]
-        for label in hits:
-            stats.contamination[self.benchmarks[label]] += 1
-        if hits and self.cfg.decontaminate and self.cfg.decontaminate.action == "drop":
+        if hits and self.cfg.decontaminate.action == "drop":
+            for label in hits:
+                stats.contamination[self.benchmarks[label]] += 1
             stats.drop("contaminated", where)
             return False
+        if not self._unique(result, i, stats):
+            return False
+        for label in hits:  # action "report": counted among the documents kept
+            stats.contamination[self.benchmarks[label]] += 1
+        return True
+
+    def _unique(self, result: ChunkResult, i: int, stats: SourceStats) -> bool:
+        where = result.where[i]
         if self.cfg.dedup.exact:
             h = result.text_hash[i]
             if h in self.seen:
@@ -515,6 +541,9 @@ def fingerprint(recipe: Recipe) -> str:
                                  for f in expand(s.path, s.include, s.exclude)]
             except SourceError as e:
                 raise PrepareError(f"data source {s.name!r}: {e}") from None
+    if recipe.data.prepare.decontaminate:
+        files["<eval sets>"] = [(str(f), f.stat().st_size, f.stat().st_mtime_ns)
+                                for fs in eval_files(recipe.data.prepare).values() for f in fs]
     # Not part of it: how many workers (the output is the same) and skip_bad (data
     # prepared with --skip-bad is prepared; a later pretrain must not redo it strictly).
     prep = recipe.data.prepare.model_dump(exclude={"workers", "output_dir", "skip_bad"})
@@ -534,9 +563,13 @@ def is_prepared(recipe: Recipe) -> bool:
     if not manifest.exists():
         return False
     try:
-        return json.loads(manifest.read_text())["fingerprint"] == fingerprint(recipe)
+        recorded = json.loads(manifest.read_text())["fingerprint"]
     except (ValueError, KeyError):
         return False
+    out = prepared_dir(recipe)
+    complete = all(Path(f"{out / s.name}{ext}").exists()
+                   for s in raw_sources(recipe) for ext in (".bin", ".idx"))
+    return complete and recorded == fingerprint(recipe)
 
 
 def run(recipe: Recipe, progress: bool = True, log=print) -> dict:
@@ -556,6 +589,8 @@ def run(recipe: Recipe, progress: bool = True, log=print) -> dict:
         stale.unlink()
     key = fingerprint(recipe)
     t0 = time.time()
+    if cfg.fim.rate > 0 and any(s.uses_fim for s in sources):  # fail now, not mid-run
+        fim_token_ids(load_tokenizer(recipe.data.tokenizer))
     index_path, benchmarks = None, []
     if cfg.decontaminate:
         index_path, benchmarks = build_ngram_index(recipe, recipe.data_cache_dir / "decontam", log)
@@ -567,7 +602,12 @@ def run(recipe: Recipe, progress: bool = True, log=print) -> dict:
             for index, source in enumerate(recipe.data.sources):
                 if source.path is None:
                     continue
-                stats = prepare_source(recipe, index, out, cross, process, progress)
+                try:
+                    stats = prepare_source(recipe, index, out, cross, process, progress)
+                except BrokenProcessPool:
+                    raise PrepareError(f"data source {source.name!r}: a worker process died "
+                                       "(killed, or out of memory?); nothing was marked "
+                                       "prepared, run again") from None
                 log(f"  {source.name}: {stats.documents:,} documents, {stats.tokens:,} tokens "
                     f"({stats.bytes_in / 1e6:.1f} MB at "
                     f"{stats.bytes_in / 1e6 / stats.seconds:.1f} MB/s)"
@@ -650,7 +690,7 @@ def markdown_report(report: dict) -> str:
 
 
 def ensure_prepared(recipe: Recipe, force: bool = False, progress: bool = False,
-                    log=print) -> dict[str, str]:
+                    log=print, say_up_to_date: bool = True) -> dict[str, str]:
     """Prefixes of the recipe's raw sources, preparing them first if the prepared data
     is missing or stale (or ``force``). Every process (and ``hcx data prepare`` beside
     a starting ``hcx pretrain``) may call this at once: a file lock lets one prepare
@@ -660,10 +700,14 @@ def ensure_prepared(recipe: Recipe, force: bool = False, progress: bool = False,
     out = prepared_dir(recipe)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"waiting for another process to finish preparing data in {out}")
+            fcntl.flock(lock, fcntl.LOCK_EX)
         if force or not is_prepared(recipe):
             log(f"preparing data into {out} (hcx data prepare)")
             run(recipe, progress=progress, log=log)
-        else:
+        elif say_up_to_date:
             log(f"prepared data in {out} is up to date")
     return {s.name: str(out / s.name) for s in raw_sources(recipe)}

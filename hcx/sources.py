@@ -58,6 +58,14 @@ class RawRecord:
     def where(self) -> str:
         return f"{self.file}:{self.line}" if self.line else self.file
 
+    @property
+    def size(self) -> int:
+        """Input bytes (for rows already parsed, the UTF-8 size of their strings)."""
+        if isinstance(self.data, dict):
+            return sum(len(v.encode("utf-8", "replace")) for v in self.data.values()
+                       if isinstance(v, str))
+        return len(self.data)
+
 
 def is_hub(path: str) -> bool:
     return path.startswith(HUB_SCHEME)
@@ -79,7 +87,9 @@ def expand(path: str, include: str = "*", exclude: tuple[str, ...] | list[str] =
     root = _root(path)
     if any(ch in str(root) for ch in "*?["):
         files = sorted(Path(p) for p in glob.glob(str(root), recursive=True) if Path(p).is_file())
-        base = None
+        # excludes are relative to the glob's fixed part: /data/*/x.jsonl -> /data
+        base = Path(*[part for part in root.parts[:next(
+            i for i, part in enumerate(root.parts) if any(ch in part for ch in "*?["))]])
     elif root.is_dir():
         files = sorted(p for p in root.rglob(include) if p.is_file())
         base = root
@@ -89,7 +99,7 @@ def expand(path: str, include: str = "*", exclude: tuple[str, ...] | list[str] =
         raise SourceError(f"{path}: no such file or directory ({root})")
     if exclude:
         def excluded(p: Path) -> bool:
-            rel = str(p.relative_to(base)) if base else str(p)
+            rel = str(p.relative_to(base))
             return any(fnmatch.fnmatch(rel, pattern) for pattern in exclude)
 
         files = [p for p in files if not excluded(p)]
@@ -150,21 +160,36 @@ def raw_records(file: Path, fmt: str) -> Iterator[RawRecord]:
             yield RawRecord(name, 1, b"")
 
 
+def _rows(name: str, what: str, load) -> Iterator[RawRecord]:
+    """Rows from ``datasets``, with its errors (corrupt file, network) naming the source;
+    no rows at all is an empty file."""
+    rows = 0
+    try:
+        for row in load():
+            yield RawRecord(f"{name} row {rows}", 0, row)
+            rows += 1
+    except Exception as e:  # noqa: BLE001 - pyarrow, fsspec, HTTP errors alike
+        no_rows = rows == 0 and "BatchSize must be greater than 0" in str(e)  # pyarrow's way
+        if not no_rows:
+            raise SourceError(f"{name}: cannot read {what} (row {rows}): "
+                              f"{type(e).__name__}: {e}") from None
+    if rows == 0:
+        yield RawRecord(name, 1, b"")
+
+
 def _parquet_records(file: Path) -> Iterator[RawRecord]:
     import datasets
 
-    ds = datasets.load_dataset("parquet", data_files=str(file), split="train", streaming=True)
-    for i, row in enumerate(ds):
-        yield RawRecord(f"{file} row {i}", 0, row)
+    yield from _rows(str(file), "Parquet", lambda: datasets.load_dataset(
+        "parquet", data_files=str(file), split="train", streaming=True))
 
 
 def hub_records(dataset_id: str, config: str | None, split: str) -> Iterator[RawRecord]:
     """Rows of a Hugging Face Hub dataset, streamed (needs network access)."""
     import datasets
 
-    ds = datasets.load_dataset(dataset_id, config, split=split, streaming=True)
-    for i, row in enumerate(ds):
-        yield RawRecord(f"hf://{dataset_id} {split} row {i}", 0, row)
+    yield from _rows(f"hf://{dataset_id} {split}", "the Hub dataset", lambda: datasets.load_dataset(
+        dataset_id, config, split=split, streaming=True))
 
 
 def parse_record(record: RawRecord, fmt: str, text_field: str = "text") -> str:
@@ -184,6 +209,8 @@ def parse_record(record: RawRecord, fmt: str, text_field: str = "text") -> str:
                             f"invalid UTF-8 (byte {e.start} of the record: {e.reason})") from None
         if fmt != "jsonl":
             return text
+        if record.line == 1:
+            text = text.lstrip("\ufeff")  # a byte-order mark (files written on Windows)
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
@@ -195,4 +222,11 @@ def parse_record(record: RawRecord, fmt: str, text_field: str = "text") -> str:
     if not isinstance(value, str):
         raise BadRecord(record.where, "missing_field",
                         f"field {text_field!r} is {type(value).__name__}, not a string")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:  # JSON may escape half of a UTF-16 pair: "\ud800"
+            raise BadRecord(record.where, "invalid_utf8",
+                            f"field {text_field!r} holds an unpaired surrogate "
+                            f"{value[e.start]!r} at character {e.start}") from None
     return value

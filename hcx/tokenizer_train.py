@@ -24,17 +24,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
+import yaml
 from pydantic import Field, model_validator
 
 from hcx import special_tokens as st
 from hcx.config import _Strict, load_config
 from hcx.errors import HcxError
+from hcx.paths import resolve
 from hcx.sources import BadRecord, detect_format, expand, parse_record, raw_records
 
 LANGUAGES = ("ko", "en", "code")
 # SentencePiece splits training text at this character and never merges across it; it
 # is removed before training text is sampled, so it cannot occur otherwise.
 MORPHEME_DELIMITER = "\u2063"  # INVISIBLE SEPARATOR
+OVERSAMPLE = 4  # documents read per language, as a multiple of its share of the sample
 
 
 class TokenizerTrainError(HcxError, ValueError):
@@ -130,8 +133,12 @@ def split_sentences(text: str, max_chars: int) -> Iterator[str]:
 
 def sample_sentences(spec: TokenizerSpec, log=print) -> dict[str, list[str]]:
     """Training sentences per language, each language to its share of ``sample_chars``.
-    Documents are shuffled with the spec's seed, so the sample is reproducible; a
-    language with less text than its share contributes all it has (reported)."""
+
+    A language's sources are read in order until ``OVERSAMPLE`` times its share is in
+    memory (so a large corpus is never loaded whole); those documents are shuffled
+    with the spec's seed (reproducible) and cut into sentences until the share is
+    met. A language with less text than its share contributes all it has (reported).
+    """
     rng = random.Random(spec.seed)
     total_ratio = sum(spec.language_ratios.get(lang, 0) for lang in {s.language for s in spec.sources})
     out: dict[str, list[str]] = {}
@@ -140,7 +147,15 @@ def sample_sentences(spec: TokenizerSpec, log=print) -> dict[str, list[str]]:
         if not sources:
             continue
         budget = int(spec.sample_chars * spec.language_ratios[lang] / total_ratio)
-        docs = [d for s in sources for d in iter_documents(s)]
+        docs, read = [], 0
+        for source in sources:
+            for doc in iter_documents(source):
+                docs.append(doc)
+                read += len(doc)
+                if read >= OVERSAMPLE * budget:
+                    break
+            if read >= OVERSAMPLE * budget:
+                break
         rng.shuffle(docs)
         chosen, used = [], 0
         for doc in docs:
@@ -236,10 +251,13 @@ def train(spec: TokenizerSpec, spec_path: Path | None = None, log=print) -> Path
     from hcx.hf_tokenizer import write_hf_tokenizer
     from hcx.tokenization import open_tokenizer
 
+    # output_dir, like every path in the spec, is relative to the working directory;
+    # without one the tokenizer goes beside its spec: tokenizer/<name>/.
     base = spec_path.parent if spec_path else Path.cwd()
-    out = Path(spec.output_dir) if spec.output_dir else base / spec.name
-    if not out.is_absolute() and spec.output_dir:
-        out = base / out
+    out = resolve(spec.output_dir) if spec.output_dir else base / spec.name
+    if out.exists() and not (out / "tokenizer.model").exists():
+        raise TokenizerTrainError(f"output_dir {out} exists and is not a tokenizer directory "
+                                  "(no tokenizer.model): refusing to replace it")
     threads = spec.threads or os.cpu_count() or 1
     t0 = time.time()
     log(f"sampling training text ({spec.sample_chars:,} characters)")
@@ -286,11 +304,14 @@ def train(spec: TokenizerSpec, spec_path: Path | None = None, log=print) -> Path
             "parity_mismatches": len(mismatches),
         }
         (tmp / "training.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
-        if spec_path:
-            shutil.copy(spec_path, tmp / "spec.yaml")
+        (tmp / "spec.yaml").write_text(  # the spec as trained, overrides included
+            f"# hcx tokenizer train {spec_path or ''}\n"
+            + yaml.safe_dump(spec.model_dump(), sort_keys=False, allow_unicode=True))
+        old = out.with_name(f".{out.name}.old{os.getpid()}")
         if out.exists():
-            shutil.rmtree(out)
+            os.replace(out, old)  # swapped, not deleted first: a crash here loses nothing
         os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"wrote {out} in {time.time() - t0:.0f} s")

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from hcx import checkpoint as ckpt
 from hcx import metrics as M
 from hcx.config import Recipe
-from hcx.errors import HcxError, Stopped  # noqa: F401 (Stopped: raised here, imported from here)
+from hcx.errors import HcxError, Stopped
 from hcx.model import build_gpt, compute_dtype, padded_vocab_size
 from hcx.optim import build_optimizer, build_scheduler, wrap_ddp
 from hcx.parallel import Topology, device, initialize

@@ -132,11 +132,37 @@ def test_decontamination_drops_and_reports_per_benchmark(tmp_path):
     assert s["contaminated_documents_by_benchmark"] == {"fakebench": 1}
     assert "| fakebench | 1 |" in proc.stdout
     assert len(documents(prepared(tmp_path) / "t")) == 2
+    # an edited eval set makes the prepared data stale; a changed blend weight does not
+    from hcx.config import load_recipe
+    from hcx.prepare import is_prepared
+
+    recipe_path = make_recipe(tmp_path, src, decontaminate={"eval_dir": str(evals), "ngram": 13})
+    assert is_prepared(load_recipe(recipe_path, ["data.sources.0.weight=3"]))
+    write_jsonl(evals / "otherbench" / "test.jsonl", ["an edited evaluation passage " * 3])
+    assert not is_prepared(load_recipe(recipe_path))
     # report-only keeps the document and still counts it
     recipe = make_recipe(tmp_path, src, decontaminate={"eval_dir": str(evals), "action": "report"})
     hcx("data", "prepare", str(recipe))
     assert stats(tmp_path)["t"]["contaminated_documents_by_benchmark"] == {"fakebench": 1}
     assert len(documents(prepared(tmp_path) / "t")) == 3
+
+
+@pytest.mark.parametrize("tokenizer", ["hcx", "llama-2", "bytes"])
+def test_words_are_found_whatever_the_tokenizer(tokenizer, shared_data):
+    """Decontamination counts n-grams in words; tokenizers that drop a leading space
+    when a token is decoded alone (SentencePiece with a dummy prefix) must work too."""
+    from hcx.corpus.decontam import word_hashes
+    from hcx.prepare import word_start_table
+    from hcx.tokenization import open_tokenizer
+
+    spec = {"hcx": str(TOKENIZER), "bytes": "bytes",
+            "llama-2": str(shared_data / "tokenizers/llama-2/tokenizer.model")}[tokenizer]
+    if tokenizer == "llama-2" and not Path(spec).exists():
+        pytest.skip("no llama-2 reference tokenizer")
+    tok = open_tokenizer(spec)
+    table = word_start_table(tok)
+    ids = np.asarray(tok.encode("the quick brown fox jumps over 한국어 모델입니다"), np.int64)
+    assert len(word_hashes(ids, table)) == 8
 
 
 def test_fim_layouts(tmp_path):
@@ -195,6 +221,8 @@ def test_output_does_not_depend_on_the_number_of_workers(tmp_path, shared_data):
     (b'{"text": "fine document number one, long enough"}\n{"text": "\xff\xfe bad"}\n', 2, "invalid UTF-8"),
     (b'{"text": "fine document number one, long enough"}\n\n{"body": "no text field here"}\n', 3,
      "no field 'text' (has ['body'])"),
+    (b'{"text": "fine document number one, long enough"}\n{"text": "half a pair \\ud800 of surrogates"}\n',
+     2, "field 'text' holds an unpaired surrogate"),
     (b"", 1, "empty file"),
 ])
 def test_bad_input_names_file_and_line_or_is_counted(tmp_path, content, line, message):
@@ -246,15 +274,18 @@ def test_sigkill_mid_write_leaves_nothing_the_engine_accepts(tmp_path, shared_da
     assert len(documents(out / "big")) == stats(tmp_path)["big"]["documents"] > 1000
 
 
-def test_sigterm_cleans_up(tmp_path, shared_data):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_cleans_up(tmp_path, shared_data, workers):
     recipe = make_recipe(tmp_path, [{"name": "big", "language": "ko",
-                                     "path": "data://train/pretrain/ko_legalize_kr_precedents/train.jsonl"}])
+                                     "path": "data://train/pretrain/ko_legalize_kr_precedents/train.jsonl"}],
+                         workers=workers)
     proc = subprocess.Popen([sys.executable, "-m", "hcx.cli", "data", "prepare", str(recipe)],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     out = prepared(tmp_path)
     deadline = time.time() + 120
     while not (out.exists() and list(out.glob("big.tmp*.bin"))) and time.time() < deadline:
         time.sleep(0.05)
+    assert list(out.glob("big.tmp*.bin")), "prepare never started writing"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
@@ -278,3 +309,22 @@ def test_tiny_recipe_trains_on_prepared_data_with_the_shipped_tokenizer(tmp_path
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3]
     assert metrics[0]["loss"] == pytest.approx(np.log(32768), abs=0.5)  # untrained 32k vocabulary
+
+
+def test_a_byte_order_mark_on_line_one_is_not_malformed_json(tmp_path):
+    from hcx.sources import parse_record, raw_records
+
+    f = tmp_path / "bom.jsonl"
+    f.write_bytes(b'\xef\xbb\xbf{"text": "a"}\n{"text": "b"}\n')
+    assert [parse_record(r, "jsonl") for r in raw_records(f, "jsonl")] == ["a", "b"]
+
+
+def test_excludes_are_relative_to_a_directory_or_a_glob(tmp_path):
+    from hcx.sources import expand
+
+    for sub in ("keep", "test", "deep/test"):
+        (tmp_path / sub).mkdir(parents=True)
+        (tmp_path / sub / "x.py").write_text("x = 1\n")
+    rel = lambda files: sorted(str(f.relative_to(tmp_path)) for f in files)  # noqa: E731
+    assert rel(expand(str(tmp_path), "*.py", ["test/*"])) == ["deep/test/x.py", "keep/x.py"]
+    assert rel(expand(str(tmp_path / "*" / "x.py"), exclude=["test/*"])) == ["keep/x.py"]
