@@ -205,14 +205,22 @@ def test_fim_layouts(tmp_path):
 
 
 def test_output_does_not_depend_on_the_number_of_workers(tmp_path, shared_data):
+    """Including the random FIM choices (seeded per record) and dedup across sources."""
+    code = tmp_path / "code"
+    code.mkdir()
+    for i in range(40):
+        (code / f"m{i:02d}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i * i}\n" * (1 + i % 4))
     src = [{"name": "ko", "language": "ko", "path": "data://train/pretrain/ko_konlpy_kolaw_kobill/train.jsonl"},
-           {"name": "en", "language": "en", "path": "data://train/pretrain/en_tiny_shakespeare/train.jsonl"}]
+           {"name": "en", "language": "en", "path": "data://train/pretrain/en_tiny_shakespeare/train.jsonl"},
+           {"name": "code", "language": "code", "path": str(code), "include": "*.py"}]
     out = {}
     for workers in (1, 2):
         tmp = tmp_path / f"w{workers}"
         tmp.mkdir()
         hcx("data", "prepare", str(make_recipe(tmp, src, workers=workers)))
-        out[workers] = [(prepared(tmp) / f"{n}{ext}").read_bytes() for n in ("ko", "en") for ext in (".bin", ".idx")]
+        out[workers] = [(prepared(tmp) / f"{n}{ext}").read_bytes()
+                        for n in ("ko", "en", "code") for ext in (".bin", ".idx")]
+        assert sum(stats(tmp)["code"]["fim"].values()) > 5
     assert out[1] == out[2]
 
 
