@@ -498,7 +498,8 @@ def build_ngram_index(recipe: Recipe, cache_dir: Path, log) -> tuple[str, list[s
     if path.exists():
         return str(path), names
     starts_word = word_start_table(tokenizer)
-    log(f"indexing {len(names)} eval sets for decontamination ({cfg.decontaminate.ngram}-grams)")
+    log(f"indexing {len(names)} eval sets for decontamination "
+        f"({cfg.decontaminate.ngram}-word n-grams)")
     index = NgramIndex(cfg.decontaminate.ngram)
     for label, (name, fs) in enumerate(files.items()):
         for f in fs:
