@@ -140,3 +140,14 @@ def test_cli_check_and_help():
     assert "ok (2 processes" in ok.stdout
     helptext = hcx("pretrain", "--help").stdout
     assert "KEY=VALUE" in helptext and "torchrun" in helptext
+
+
+def test_prepare_settings_are_validated_with_their_origin():
+    with pytest.raises(RecipeError, match=r"override 'data.sources.0.language=jp'.*'ko', 'en', 'code' or 'any'"):
+        load_recipe(TINY, ["data.sources.0.language=jp"])
+    with pytest.raises(RecipeError, match=r"data.prepare.dedup.threshold: Input should be less than 1"):
+        load_recipe(TINY, ["data.prepare.dedup.threshold=1.0"])
+    with pytest.raises(RecipeError, match=r"unknown key 'data.prepare.decontaminate.ngrams' \(did you mean 'ngram'\?\)"):
+        load_recipe(TINY, ["data.prepare.decontaminate.ngrams=8"])
+    recipe = load_recipe(TINY)
+    assert [s.uses_fim for s in recipe.data.sources] == [False, False, False, False, True]
