@@ -70,10 +70,9 @@ def read_texts(path: Path, text_field: str) -> Iterator[str]:
 
     if not path.exists():
         raise DataError(f"{path}: file not found")
-    fmt = detect_format(path)
-    for record in raw_records(path, fmt):
+    for record in raw_records(path, detect_format(path)):
         try:
-            yield parse_record(record, fmt, text_field)
+            yield parse_record(record, text_field)
         except BadRecord as e:
             raise DataError(str(e)) from None
 

@@ -36,8 +36,8 @@ import numpy as np
 from hcx.config import DataSource, PrepareConfig, Recipe
 from hcx.errors import HcxError, Stopped
 from hcx.paths import resolve
-from hcx.sources import (BadRecord, RawRecord, SourceError, detect_format, expand, hub_records,
-                         is_hub, parse_record, raw_records)
+from hcx.sources import (BadRecord, RawRecord, SourceError, expand, is_hub, iter_records,
+                         parse_record)
 from hcx.tokenization import Tokenizer, load_tokenizer
 
 MANIFEST = "manifest.json"
@@ -91,7 +91,6 @@ class DocumentProcessor:
 
         cfg = recipe.data.prepare
         self.cfg, self.source = cfg, source
-        self.fmt = source.format
         self.tokenizer = load_tokenizer(recipe.data.tokenizer)
         self.filters = FilterConfig(**cfg.filters.model_dump())
         self.minhasher = (MinHasher(cfg.dedup.num_perm, cfg.dedup.ngram, seed=cfg.seed)
@@ -129,9 +128,7 @@ class DocumentProcessor:
         from hcx.corpus.clean import detect_language, filter_reason, normalize
         from hcx.corpus.pii import mask_pii
 
-        fmt = self.fmt if self.fmt != "auto" else detect_format(Path(record.file),
-                                                                self.source.language)
-        text = normalize(parse_record(record, fmt, self.source.text_field))
+        text = normalize(parse_record(record, self.source.text_field))
         reason = filter_reason(text, self.source.language, self.filters)
         if reason:
             out.drop(reason, record.where)
@@ -283,12 +280,8 @@ def ordered_map(pool: ProcessPoolExecutor, fn, items: Iterable, in_flight: int) 
 
 
 def source_records(source: DataSource) -> Iterator[RawRecord]:
-    if is_hub(source.path):
-        yield from hub_records(source.path[len("hf://"):], source.hub_config, source.hub_split)
-        return
-    for file in expand(source.path, source.include, source.exclude):
-        fmt = source.format if source.format != "auto" else detect_format(file, source.language)
-        yield from raw_records(file, fmt)
+    return iter_records(source.path, source.include, source.exclude, source.format,
+                        source.language, source.hub_config, source.hub_split)
 
 
 def chunked(records: Iterable[RawRecord], max_bytes: int = CHUNK_BYTES) -> Iterator[list[RawRecord]]:
@@ -396,19 +389,18 @@ def _remove(prefix: Path) -> None:
 
 
 def prepare_source(recipe: Recipe, index: int, out_dir: Path, cross: CrossDocumentFilter,
-                   process, progress: bool) -> SourceStats:
+                   process, progress: bool, dtype) -> SourceStats:
+    """Stream one source through the workers (``process``) and the cross-document
+    filter into ``<out_dir>/<name>.bin/.idx``."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
     from tqdm import tqdm
-
-    from hcx.data import token_dtype
 
     source = recipe.data.sources[index]
     stats = SourceStats(source.name, source.language, source.weight)
     t0 = time.time()
-    tokenizer = load_tokenizer(recipe.data.tokenizer)
     final = out_dir / source.name
     tmp = out_dir / f"{source.name}.tmp{os.getpid()}"
-    builder = IndexedDatasetBuilder(str(tmp) + ".bin", dtype=token_dtype(tokenizer.vocab_size))
+    builder = IndexedDatasetBuilder(str(tmp) + ".bin", dtype=dtype)
     results = process(index, chunked(source_records(source)))
     bar = tqdm(total=source_bytes(source), unit="B", unit_scale=True, desc=source.name,
                disable=not progress, leave=False, file=sys.stderr)
@@ -576,6 +568,8 @@ def is_prepared(recipe: Recipe) -> bool:
 def run(recipe: Recipe, progress: bool = True, log=print) -> dict:
     """Prepare every raw source of the recipe; returns the stats (also written as
     ``stats.json`` and ``stats.md`` next to the datasets)."""
+    from hcx.data import token_dtype
+
     sources = raw_sources(recipe)
     if not sources:
         raise PrepareError("the recipe has no raw sources (data.sources[*].path) to prepare")
@@ -583,15 +577,16 @@ def run(recipe: Recipe, progress: bool = True, log=print) -> dict:
     for name in {n for n in names if names.count(n) > 1}:
         raise PrepareError(f"data.sources: the name {name!r} is used twice")
     cfg = recipe.data.prepare
+    tokenizer = load_tokenizer(recipe.data.tokenizer)
+    if cfg.fim.rate > 0 and any(s.uses_fim for s in sources):  # fail now, not mid-run
+        fim_token_ids(tokenizer)
+    key = fingerprint(recipe)
     out = prepared_dir(recipe)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)       # incomplete until written again
     for stale in out.glob("*.tmp*"):               # left by a killed run
         stale.unlink()
-    key = fingerprint(recipe)
     t0 = time.time()
-    if cfg.fim.rate > 0 and any(s.uses_fim for s in sources):  # fail now, not mid-run
-        fim_token_ids(load_tokenizer(recipe.data.tokenizer))
     index_path, benchmarks = None, []
     if cfg.decontaminate:
         index_path, benchmarks = build_ngram_index(recipe, recipe.data_cache_dir / "decontam", log)
@@ -604,7 +599,8 @@ def run(recipe: Recipe, progress: bool = True, log=print) -> dict:
                 if source.path is None:
                     continue
                 try:
-                    stats = prepare_source(recipe, index, out, cross, process, progress)
+                    stats = prepare_source(recipe, index, out, cross, process, progress,
+                                       token_dtype(tokenizer.vocab_size))
                 except BrokenProcessPool:
                     raise PrepareError(f"data source {source.name!r}: a worker process died "
                                        "(killed, or out of memory?); nothing was marked "
@@ -618,7 +614,7 @@ def run(recipe: Recipe, progress: bool = True, log=print) -> dict:
             stop_workers()
     report = {
         "recipe": recipe.name,
-        "tokenizer": load_tokenizer(recipe.data.tokenizer).name,
+        "tokenizer": tokenizer.name,
         "workers": cfg.workers,
         "seconds": round(time.time() - t0, 2),
         "decontamination": ({"action": cfg.decontaminate.action, "ngram": cfg.decontaminate.ngram,

@@ -53,6 +53,7 @@ class RawRecord:
     file: str
     line: int                 # 1-based line where the record starts (0 for Hub rows)
     data: bytes | dict[str, Any]
+    fmt: str                  # how to parse ``data``: jsonl, text, file or rows (parsed)
 
     @property
     def where(self) -> str:
@@ -129,16 +130,16 @@ def raw_records(file: Path, fmt: str) -> Iterator[RawRecord]:
     with file.open("rb") as f:
         if fmt == "file":
             data = f.read()
-            yield RawRecord(name, 1, data)
+            yield RawRecord(name, 1, data, fmt)
             return
         if fmt == "jsonl":
             empty = True
             for lineno, line in enumerate(f, 1):
                 if line.strip():
                     empty = False
-                    yield RawRecord(name, lineno, line)
+                    yield RawRecord(name, lineno, line, fmt)
             if empty:
-                yield RawRecord(name, 1, b"")
+                yield RawRecord(name, 1, b"", fmt)
             return
         if fmt != "text":
             raise SourceError(f"{file}: unknown format {fmt!r} (jsonl, text, file, parquet)")
@@ -151,13 +152,13 @@ def raw_records(file: Path, fmt: str) -> Iterator[RawRecord]:
                 block.append(line)
             elif block:
                 empty = False
-                yield RawRecord(name, start, b"".join(block))
+                yield RawRecord(name, start, b"".join(block), fmt)
                 block = []
         if block:
             empty = False
-            yield RawRecord(name, start, b"".join(block))
+            yield RawRecord(name, start, b"".join(block), fmt)
         if empty:
-            yield RawRecord(name, 1, b"")
+            yield RawRecord(name, 1, b"", fmt)
 
 
 def _rows(name: str, what: str, load) -> Iterator[RawRecord]:
@@ -166,7 +167,7 @@ def _rows(name: str, what: str, load) -> Iterator[RawRecord]:
     rows = 0
     try:
         for row in load():
-            yield RawRecord(f"{name} row {rows}", 0, row)
+            yield RawRecord(f"{name} row {rows}", 0, row, "rows")
             rows += 1
     except Exception as e:  # noqa: BLE001 - pyarrow, fsspec, HTTP errors alike
         no_rows = rows == 0 and "BatchSize must be greater than 0" in str(e)  # pyarrow's way
@@ -174,7 +175,7 @@ def _rows(name: str, what: str, load) -> Iterator[RawRecord]:
             raise SourceError(f"{name}: cannot read {what} (row {rows}): "
                               f"{type(e).__name__}: {e}") from None
     if rows == 0:
-        yield RawRecord(name, 1, b"")
+        yield RawRecord(name, 1, b"", "rows")
 
 
 def _parquet_records(file: Path) -> Iterator[RawRecord]:
@@ -192,9 +193,21 @@ def hub_records(dataset_id: str, config: str | None, split: str) -> Iterator[Raw
         dataset_id, config, split=split, streaming=True))
 
 
-def parse_record(record: RawRecord, fmt: str, text_field: str = "text") -> str:
+def iter_records(path: str, include: str = "*", exclude: tuple[str, ...] | list[str] = (),
+                 fmt: str = "auto", language: str | None = None, hub_config: str | None = None,
+                 hub_split: str = "train") -> Iterator[RawRecord]:
+    """Every record of a source: a Hub dataset (``hf://``) or the files :func:`expand`
+    finds, each read in its format (``auto``: from its suffix and the language)."""
+    if is_hub(path):
+        yield from hub_records(path[len(HUB_SCHEME):], hub_config, hub_split)
+        return
+    for file in expand(path, include, exclude):
+        yield from raw_records(file, fmt if fmt != "auto" else detect_format(file, language))
+
+
+def parse_record(record: RawRecord, text_field: str = "text") -> str:
     """The text of a record, or :class:`BadRecord` naming the file and line."""
-    data = record.data
+    data, fmt = record.data, record.fmt
     if isinstance(data, dict):
         obj = data
     else:

@@ -31,7 +31,7 @@ from hcx import special_tokens as st
 from hcx.config import _Strict, load_config
 from hcx.errors import HcxError
 from hcx.paths import resolve
-from hcx.sources import BadRecord, detect_format, expand, parse_record, raw_records
+from hcx.sources import BadRecord, iter_records, parse_record
 
 LANGUAGES = ("ko", "en", "code")
 # SentencePiece splits training text at this character and never merges across it; it
@@ -101,15 +101,14 @@ def load_spec(path: str | Path, overrides: list[str] = ()) -> TokenizerSpec:
 def iter_documents(source: CorpusSource) -> Iterator[str]:
     from hcx.corpus.clean import normalize
 
-    for file in expand(source.path, source.include, source.exclude):
-        fmt = detect_format(file, source.language)
-        for record in raw_records(file, fmt):
-            try:
-                text = parse_record(record, fmt, source.text_field)
-            except BadRecord as e:
-                raise TokenizerTrainError(f"source {source.name!r}: {e}") from None
-            if text.strip():
-                yield normalize(text).replace(MORPHEME_DELIMITER, "")
+    for record in iter_records(source.path, source.include, source.exclude,
+                               language=source.language):
+        try:
+            text = parse_record(record, source.text_field)
+        except BadRecord as e:
+            raise TokenizerTrainError(f"source {source.name!r}: {e}") from None
+        if text.strip():
+            yield normalize(text).replace(MORPHEME_DELIMITER, "")
 
 
 def split_sentences(text: str, max_chars: int) -> Iterator[str]:

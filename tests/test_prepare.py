@@ -324,7 +324,7 @@ def test_a_byte_order_mark_on_line_one_is_not_malformed_json(tmp_path):
 
     f = tmp_path / "bom.jsonl"
     f.write_bytes(b'\xef\xbb\xbf{"text": "a"}\n{"text": "b"}\n')
-    assert [parse_record(r, "jsonl") for r in raw_records(f, "jsonl")] == ["a", "b"]
+    assert [parse_record(r) for r in raw_records(f, "jsonl")] == ["a", "b"]
 
 
 def test_excludes_are_relative_to_a_directory_or_a_glob(tmp_path):
