@@ -21,7 +21,7 @@ CONTROL_SYMBOLS = [SYSTEM, USER, ASSISTANT, END_OF_TURN, FIM_PREFIX, FIM_MIDDLE,
 USER_SYMBOLS = ["\n"]
 
 # Chat rendering for Hugging Face's apply_chat_template (role marker, content, end of
-# turn); hcx renders the same layout from token ids directly.
+# turn); hcx.chat.render_chat builds the same ids directly (tests/test_chat.py).
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|' + message['role'] + '|>' + message['content'] + '<|endofturn|>' }}"
