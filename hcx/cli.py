@@ -102,6 +102,15 @@ def cmd_data_prepare(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace, argv: list[str]) -> int:
+    from hcx.interop import export_hf
+
+    out = export_hf(Path(args.checkpoint), Path(args.out),
+                    log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(out)
+    return 0
+
+
 def cmd_tokenizer_train(args: argparse.Namespace, argv: list[str]) -> int:
     from hcx import tokenizer_train
 
@@ -183,6 +192,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", help="tokenizer spec YAML, e.g. tokenizer/hcx-ko-en-32k.yaml")
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.set_defaults(func=cmd_tokenizer_train)
+
+    p = sub.add_parser(
+        "export", help="an hcx checkpoint as a Hugging Face Llama directory",
+        description="Convert a checkpoint of any TP/PP layout (a step directory, or a "
+                    "checkpoints directory for its latest step) into a Hugging Face Llama "
+                    "directory: config.json, model.safetensors and the tokenizer files with "
+                    "the chat template, loadable with AutoModelForCausalLM/AutoTokenizer "
+                    "without trust_remote_code. Runs in one process.")
+    p.add_argument("checkpoint", help="e.g. runs/tiny/checkpoints")
+    p.add_argument("out", help="output directory (replaced if it exists)")
+    p.add_argument("--to", choices=["hf"], default="hf", help="target format")
+    p.set_defaults(func=cmd_export)
 
     data = sub.add_parser("data", help="corpus preparation",
                           description="Corpus preparation.").add_subparsers(
