@@ -81,28 +81,47 @@ class ChunkResult:
 # --- the per-document steps (run in workers) ------------------------------------------------
 
 
-class DocumentProcessor:
-    """Everything done to one document before the cross-document steps."""
+@dataclass
+class RunTools:
+    """What the documents of every source share, built once per process (loading the
+    eval n-gram index alone takes ~0.6 s; once per source it added seconds)."""
 
-    def __init__(self, recipe: Recipe, source: DataSource, ngram_index_path: str | None):
+    tokenizer: Tokenizer
+    filters: object            # hcx.corpus.clean.FilterConfig
+    minhasher: object | None   # hcx.corpus.minhash.MinHasher, when near-dedup is on
+    ngrams: object | None      # hcx.corpus.decontam.NgramIndex, when decontaminating
+    starts_word: np.ndarray | None
+
+    @classmethod
+    def build(cls, recipe: Recipe, ngram_index_path: str | None) -> RunTools:
         from hcx.corpus.clean import FilterConfig
-        from hcx.corpus.fim import FimIds
         from hcx.corpus.minhash import MinHasher
 
         cfg = recipe.data.prepare
-        self.cfg, self.source = cfg, source
-        self.tokenizer = load_tokenizer(recipe.data.tokenizer)
-        self.filters = FilterConfig(**cfg.filters.model_dump())
-        self.minhasher = (MinHasher(cfg.dedup.num_perm, cfg.dedup.ngram, seed=cfg.seed)
-                          if cfg.dedup.near else None)
-        self.ngrams = None
-        self.starts_word = None
+        tokenizer = load_tokenizer(recipe.data.tokenizer)
+        minhasher = (MinHasher(cfg.dedup.num_perm, cfg.dedup.ngram, seed=cfg.seed)
+                     if cfg.dedup.near else None)
+        ngrams = starts_word = None
         if ngram_index_path:
-            self.starts_word = word_start_table(self.tokenizer)
             from hcx.corpus.decontam import NgramIndex
 
+            starts_word = word_start_table(tokenizer)
             with np.load(ngram_index_path) as arrays:
-                self.ngrams = NgramIndex.from_arrays(**arrays)
+                ngrams = NgramIndex.from_arrays(**arrays)
+        return cls(tokenizer, FilterConfig(**cfg.filters.model_dump()), minhasher, ngrams,
+                   starts_word)
+
+
+class DocumentProcessor:
+    """Everything done to one document of a source before the cross-document steps."""
+
+    def __init__(self, recipe: Recipe, source: DataSource, tools: RunTools):
+        from hcx.corpus.fim import FimIds
+
+        cfg = recipe.data.prepare
+        self.cfg, self.source = cfg, source
+        self.tokenizer, self.filters = tools.tokenizer, tools.filters
+        self.minhasher, self.ngrams, self.starts_word = tools.minhasher, tools.ngrams, tools.starts_word
         self.fim_ids = None
         if source.uses_fim and cfg.fim.rate > 0:
             self.fim_ids = FimIds(*fim_token_ids(self.tokenizer))
@@ -215,13 +234,16 @@ class Processors:
 
     def __init__(self, recipe: Recipe, ngram_index_path: str | None):
         self.recipe, self.ngram_index_path = recipe, ngram_index_path
+        self.tools: RunTools | None = None
         self.by_source: dict[int, DocumentProcessor] = {}
 
     def __call__(self, job: tuple[int, list[RawRecord]]) -> ChunkResult:
         index, chunk = job
         if index not in self.by_source:
+            if self.tools is None:
+                self.tools = RunTools.build(self.recipe, self.ngram_index_path)
             self.by_source[index] = DocumentProcessor(
-                self.recipe, self.recipe.data.sources[index], self.ngram_index_path)
+                self.recipe, self.recipe.data.sources[index], self.tools)
         return self.by_source[index](chunk)
 
 
@@ -483,8 +505,7 @@ def build_ngram_index(recipe: Recipe, cache_dir: Path, log) -> tuple[str, list[s
     tokenizer = load_tokenizer(recipe.data.tokenizer)
     files = eval_files(cfg)
     key = json.dumps([FORMAT_VERSION, "words", tokenizer.fingerprint(), cfg.decontaminate.ngram,
-                      {n: [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in fs]
-                       for n, fs in files.items()}])
+                      {n: _stamps(fs) for n, fs in files.items()}])
     path = cache_dir / f"ngrams-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npz"
     names = list(files)
     if path.exists():
@@ -521,6 +542,12 @@ def raw_sources(recipe: Recipe) -> list[DataSource]:
     return [s for s in recipe.data.sources if s.path is not None]
 
 
+def _stamps(files: list[Path]) -> list[tuple[str, int, int]]:
+    """Path, size and modification time of each file: what a cache key needs to notice
+    that an input changed."""
+    return [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+
+
 def fingerprint(recipe: Recipe) -> str:
     """Changes when anything that shapes the prepared data changes."""
     tokenizer = load_tokenizer(recipe.data.tokenizer)
@@ -530,13 +557,12 @@ def fingerprint(recipe: Recipe) -> str:
             files[s.name] = [s.path, s.hub_config, s.hub_split]
         else:
             try:
-                files[s.name] = [(str(f), f.stat().st_size, f.stat().st_mtime_ns)
-                                 for f in expand(s.path, s.include, s.exclude)]
+                files[s.name] = _stamps(expand(s.path, s.include, s.exclude))
             except SourceError as e:
                 raise PrepareError(f"data source {s.name!r}: {e}") from None
     if recipe.data.prepare.decontaminate:
-        files["<eval sets>"] = [(str(f), f.stat().st_size, f.stat().st_mtime_ns)
-                                for fs in eval_files(recipe.data.prepare).values() for f in fs]
+        files["<eval sets>"] = _stamps([f for fs in eval_files(recipe.data.prepare).values()
+                                        for f in fs])
     # Not part of it: how many workers (the output is the same) and skip_bad (data
     # prepared with --skip-bad is prepared; a later pretrain must not redo it strictly).
     prep = recipe.data.prepare.model_dump(exclude={"workers", "output_dir", "skip_bad"})
