@@ -422,11 +422,11 @@ def prepare_source(recipe: Recipe, index: int, out_dir: Path, cross: CrossDocume
     t0 = time.time()
     final = out_dir / source.name
     tmp = out_dir / f"{source.name}.tmp{os.getpid()}"
-    builder = IndexedDatasetBuilder(str(tmp) + ".bin", dtype=dtype)
-    results = process(index, chunked(source_records(source)))
     bar = tqdm(total=source_bytes(source), unit="B", unit_scale=True, desc=source.name,
                disable=not progress, leave=False, file=sys.stderr)
-    try:
+    try:  # from the moment the temporary file exists: a signal may arrive at any point
+        builder = IndexedDatasetBuilder(str(tmp) + ".bin", dtype=dtype)
+        results = process(index, chunked(source_records(source)))
         for result in results:
             bar.update(result.bytes_in)
             if result.bad is not None:
