@@ -17,6 +17,10 @@ complete checkpoint, saying why.
 
 Because dist_checkpointing stores global tensors (each rank writes its shards), a
 checkpoint saved at one TP/PP/DP layout loads at another.
+
+``save_weights`` writes a weights-only checkpoint (``hcx import``): the same layout
+without optimizer state or RNG files, read by ``load(..., optimizer=None)``
+(``checkpoint.init_from``, ``hcx export``).
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ LATEST = "latest"
 # The optimizer format that reshards across TP, PP and DP (megatron's
 # 'fully_reshardable'); it gathers optimizer state per DP group on save.
 OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+# hcx.json's "optimizer" for checkpoints without optimizer state (save_weights).
+WEIGHTS_ONLY = "none"
 
 
 class CheckpointError(HcxError, RuntimeError):
@@ -216,6 +222,17 @@ def _optimizer_kind(optimizer) -> str:
     return "distributed" if _distributed_optimizers(optimizer) else "plain"
 
 
+def _seal(tmp: Path, meta: dict[str, Any]) -> None:
+    """Finish a checkpoint directory: record every file's size in hcx.json (written last,
+    atomically, so its presence means the save completed) and verify the result."""
+    files = {str(p.relative_to(tmp)): p.stat().st_size
+             for p in sorted(tmp.rglob("*")) if p.is_file()}
+    _write_atomic(tmp / META, json.dumps({**meta, "files": files}, indent=1))
+    reason = verify(tmp)
+    if reason:
+        raise CheckpointError(f"checkpoint {tmp} failed verification: {reason}")
+
+
 def save(ckpt_dir: Path, step: int, model, optimizer, scheduler,
          extra: dict[str, Any], keep_last: int) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint path."""
@@ -231,18 +248,12 @@ def save(ckpt_dir: Path, step: int, model, optimizer, scheduler,
         tmp.mkdir()
 
     def finalize():
-        files = {str(p.relative_to(tmp)): p.stat().st_size
-                 for p in sorted(tmp.rglob("*")) if p.is_file()}
         n_rng = len(list((tmp / "rng").glob("rank_*.pt")))
         if n_rng != _world():
             raise CheckpointError(f"{tmp}: {n_rng} RNG files for {_world()} ranks")
-        meta = {"step": step, "world_size": _world(), "files": files,
-                "optimizer": _optimizer_kind(optimizer),
-                "scheduler": scheduler.state_dict(), **extra}
-        _write_atomic(tmp / META, json.dumps(meta, indent=1))
-        reason = verify(tmp)
-        if reason:
-            raise CheckpointError(f"checkpoint {tmp} failed verification: {reason}")
+        _seal(tmp, {"step": step, "world_size": _world(),
+                    "optimizer": _optimizer_kind(optimizer),
+                    "scheduler": scheduler.state_dict(), **extra})
         if final.exists():  # re-saving a step (e.g. after an earlier crash): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -258,6 +269,37 @@ def save(ckpt_dir: Path, step: int, model, optimizer, scheduler,
     _barrier()
     on_rank0(finalize, f"saving step {step} failed")
     return final
+
+
+def save_weights(path: Path, model, extra: dict[str, Any]) -> Path:
+    """Collective: a checkpoint of the model weights only (step 0; no optimizer, scheduler
+    or RNG state), as ``hcx import`` writes. ``load(path, model)`` with no optimizer reads
+    it, which is what ``checkpoint.init_from``, ``hcx export`` and inference do; it cannot
+    be resumed from. Written as ``path.incomplete`` and renamed, so ``path`` is either
+    complete or absent."""
+    from megatron.core import dist_checkpointing
+
+    tmp = path.with_name(path.name + INCOMPLETE)
+
+    def prepare():
+        if path.exists():
+            raise CheckpointError(f"{path} already exists")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+
+    def finalize():
+        _seal(tmp, {"step": 0, "world_size": _world(), "optimizer": WEIGHTS_ONLY,
+                    "consumed_samples": 0, **extra})
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+
+    on_rank0(prepare, f"cannot create {tmp}")
+    state = _sharded_state(model, None, is_loading=False, with_optimizer=False)
+    dist_checkpointing.save(state, str(tmp))
+    _barrier()
+    on_rank0(finalize, f"saving the weights to {path} failed")
+    return path
 
 
 def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
@@ -325,6 +367,9 @@ def load(path: Path, model, optimizer=None, scheduler=None, restore_rng: bool = 
     meta = json.loads((path / META).read_text())
     if optimizer is not None:
         saved, current = meta.get("optimizer"), _optimizer_kind(optimizer)
+        if saved == WEIGHTS_ONLY:
+            raise CheckpointError(f"{path} holds model weights only (no optimizer state to "
+                                  "resume): use it as checkpoint.init_from")
         if saved != current:
             raise CheckpointError(
                 f"{path} holds a {saved} optimizer's state but this run uses a {current} one: "

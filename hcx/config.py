@@ -444,14 +444,21 @@ def load_config(path: str | Path, model: type[M], overrides: list[str] | tuple[s
         origins[".".join(parts)] = f"override {text!r}"
         for i in range(1, len(parts)):  # parents created by the override point at it too
             origins.setdefault(".".join(parts[:i]), f"override {text!r}")
+    return validate_config(data, model, origins, str(path), what), origins
+
+
+def validate_config(data: dict, model: type[M], origins: dict[str, str], default: str,
+                    what: str = "recipe") -> M:
+    """Validate a mapping into a pydantic model; each error names the origin of its key
+    (``origins``: dotted key -> where it was set; ``default`` for keys not listed)."""
     try:
-        config = model.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
         lines = []
         for err in e.errors():
             loc = tuple(p for p in err["loc"])
             key = ".".join(str(p) for p in loc) or "<root>"
-            where = _origin_of(key, origins, str(path))
+            where = _origin_of(key, origins, default)
             msg = err["msg"]
             if err["type"] == "extra_forbidden":
                 known = _known_keys(model, loc)
@@ -465,16 +472,25 @@ def load_config(path: str | Path, model: type[M], overrides: list[str] | tuple[s
                 msg = f"{key}: {msg} (got {got!r})" if not isinstance(got, dict) else f"{key}: {msg}"
             lines.append(f"{where}: {msg}")
         raise RecipeError(f"invalid {what}:\n  " + "\n  ".join(lines)) from None
-    return config, origins
+
+
+def _refuse_impossible(recipe: Recipe, origins: dict[str, str], default: str) -> None:
+    problems = _combination_errors(recipe)
+    if problems:
+        lines = [f"{_origin_of(key, origins, default)}: {key}: {msg}" for key, msg in problems]
+        raise RecipeError("impossible recipe:\n  " + "\n  ".join(lines))
+
+
+def validate_recipe(data: dict, origins: dict[str, str], default: str) -> Recipe:
+    """A recipe built in code (``hcx import`` writes one), checked exactly as
+    :func:`load_recipe` checks files, errors naming ``origins`` (e.g. a command-line flag)."""
+    recipe = validate_config(data, Recipe, origins, default)
+    _refuse_impossible(recipe, origins, default)
+    return recipe
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Load, merge, override and validate a training recipe. Raises RecipeError."""
     recipe, origins = load_config(path, Recipe, overrides)
-    problems = _combination_errors(recipe)
-    if problems:
-        lines = []
-        for key, msg in problems:
-            lines.append(f"{_origin_of(key, origins, str(path))}: {key}: {msg}")
-        raise RecipeError("impossible recipe:\n  " + "\n  ".join(lines))
+    _refuse_impossible(recipe, origins, str(path))
     return recipe

@@ -1,12 +1,81 @@
-"""Forward passes without training: full-vocabulary logits on any TP/PP layout."""
+"""Forward passes without training: a checkpoint opened for inference, and
+full-vocabulary logits on any TP/PP layout."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from hcx.config import Recipe
+from hcx.errors import HcxError
 from hcx.parallel import device
 from hcx.train import Engine
+
+
+class CheckpointOpenError(HcxError, ValueError):
+    pass
+
+
+def checkpoint_path(path: Path) -> Path:
+    """A step directory, or a checkpoints directory (its ``latest``)."""
+    path = Path(path)
+    if (path / "latest").is_file():
+        return path / (path / "latest").read_text().strip()
+    return path
+
+
+def checkpoint_recipe(ckpt: Path) -> Recipe:
+    """The recipe a checkpoint was trained with (recorded in its metadata)."""
+    from hcx import checkpoint
+
+    meta_file = ckpt / checkpoint.META
+    if not meta_file.is_file():
+        raise CheckpointOpenError(f"{ckpt}: not an hcx checkpoint (no {checkpoint.META})")
+    saved = json.loads(meta_file.read_text()).get("recipe")
+    if not saved:
+        raise CheckpointOpenError(f"{ckpt}: the checkpoint does not record its recipe")
+    return Recipe.model_validate(saved)
+
+
+def inference_recipe(recipe: Recipe, tp: int = 1) -> Recipe:
+    """The recipe at tensor parallel size ``tp`` and nothing else (no pipeline or data
+    parallelism, no sequence parallelism), with the local layer spec: its attention
+    takes the padding masks of batched generation (torch's fused SDPA kernels, on GPU
+    too), and its dist-checkpoint keys are Transformer Engine's, so any checkpoint loads."""
+    return recipe.model_copy(update={
+        "parallel": recipe.parallel.model_copy(
+            update={"tp": tp, "pp": 1, "dp": 1, "sequence_parallel": False}),
+        "model": recipe.model.model_copy(update={"transformer_impl": "local"}),
+    })
+
+
+def open_checkpoint(ckpt: Path, tp: int = 1, log=print):
+    """``(engine, tokenizer)`` with the checkpoint's weights, for inference at tensor
+    parallel size ``tp`` (no pipeline or data parallelism, no optimizer).
+
+    dist_checkpointing reshards any saved layout, so a TP=2/PP=4 checkpoint opens in
+    one process or at TP=8 alike (see :func:`inference_recipe`).
+    """
+    from hcx import checkpoint
+    from hcx.pretrain import model_vocab_size
+    from hcx.tokenization import load_tokenizer
+    from hcx.train import build_engine
+
+    ckpt = checkpoint_path(ckpt)
+    recipe = inference_recipe(checkpoint_recipe(ckpt), tp)
+    m = recipe.model
+    if m.num_attention_heads % tp or m.query_groups % tp:
+        raise CheckpointOpenError(
+            f"tp={tp} must divide the attention heads ({m.num_attention_heads}) and the "
+            f"key/value groups ({m.query_groups})")
+    tokenizer = load_tokenizer(recipe.data.tokenizer)
+    engine = build_engine(recipe, model_vocab_size(recipe, tokenizer.vocab_size),
+                          with_optimizer=False)
+    checkpoint.load(ckpt, engine.model, restore_rng=False, log=log)
+    return engine, tokenizer
 
 
 @torch.no_grad()

@@ -39,13 +39,19 @@ class RMSNorm(torch.nn.Module):
 
 def _sdpa_attention_class():
     """megatron's local core attention, computed by torch's fused
-    ``scaled_dot_product_attention`` in the common case.
+    ``scaled_dot_product_attention`` in the common cases.
 
     megatron's ``DotProductAttention`` materializes the full score matrix
     (baddbmm, masked_fill, softmax, bmm), which costs memory and time on CPUs and
-    on GPUs without Transformer Engine. For causal self-attention without explicit
-    masks, dropout or windows, the same math runs in one fused kernel; anything else
-    takes megatron's path unchanged.
+    on GPUs without Transformer Engine. The same math runs in one fused kernel for:
+
+    - causal self-attention (training, and the prompt pass of generation);
+    - a boolean ``attention_mask`` in megatron's convention (True = masked), as the
+      generation loop passes for left-padded batches;
+    - ``no_mask`` (decoding steps with a KV cache: one new query sees every cached key).
+
+    Anything else (dropout, windows, attention bias, packed sequences) takes
+    megatron's path unchanged.
     """
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
@@ -54,9 +60,13 @@ def _sdpa_attention_class():
         def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                     attention_bias=None, packed_seq_params=None):
             mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+            causal = (mask_type == AttnMaskType.causal and attention_mask is None
+                      and query.shape[0] == key.shape[0])
+            explicit = attention_mask is not None and attention_mask.dtype == torch.bool
+            unmasked = mask_type == AttnMaskType.no_mask and attention_mask is None
             simple = (
-                attention_mask is None and attention_bias is None and packed_seq_params is None
-                and mask_type == AttnMaskType.causal and query.shape[0] == key.shape[0]
+                (causal or explicit or unmasked)
+                and attention_bias is None and packed_seq_params is None
                 and self.config.window_size is None and self.softmax_offset is None
                 and not self.config.apply_query_key_layer_scaling
                 and (self.config.attention_dropout == 0.0 or not self.training)
@@ -70,7 +80,9 @@ def _sdpa_attention_class():
             rep = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
             if rep > 1:
                 k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+            keep = ~attention_mask if explicit else None  # torch: True = attend
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, is_causal=causal,
+                                                 scale=self.softmax_scale)
             return out.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
 
     return SDPAttention

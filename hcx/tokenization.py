@@ -11,7 +11,8 @@ Formats, all read from local files (nothing is downloaded):
 - ``bytes``: UTF-8 bytes plus pad/eod/bos (no file; the floor in comparisons);
 - SentencePiece ``.model`` files (hcx's own, ``hcx tokenizer train``);
 - Hugging Face ``tokenizer.json`` (also ``.json.xz``), or a directory holding one,
-  whose ``tokenizer_config.json`` names the eos and pad tokens;
+  whose ``tokenizer_config.json`` (or ``special_tokens_map.json``) names the eos and
+  pad tokens;
 - GPT-2 style byte-level BPE: ``vocab.json`` + ``merges.txt`` or ``encoder.json`` +
   ``vocab.bpe`` in a directory;
 - tiktoken rank files (``*.tiktoken``, or a ``tokenizer.model`` in that format as
@@ -187,17 +188,25 @@ def _is_tiktoken_ranks(path: Path) -> bool:
         return False
 
 
+# Where transformers records the special tokens beside a tokenizer.json, in its order of
+# precedence (older directories name them in special_tokens_map.json only).
+SPECIAL_TOKEN_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+
+
 def _special_names(directory: Path) -> tuple[str | None, str | None]:
-    """eos and pad token strings from a ``tokenizer_config.json`` beside the tokenizer."""
-    config = directory / "tokenizer_config.json"
-    if not config.exists():
-        return None, None
-    data = json.loads(config.read_text(encoding="utf-8"))
+    """eos and pad token strings from the files beside the tokenizer (the first that
+    names each wins)."""
+    eos = pad = None
 
     def text(value):
         return value.get("content") if isinstance(value, dict) else value
 
-    return text(data.get("eos_token")), text(data.get("pad_token"))
+    for name in SPECIAL_TOKEN_FILES:
+        if (directory / name).exists():
+            data = json.loads((directory / name).read_text(encoding="utf-8"))
+            eos = eos or text(data.get("eos_token"))
+            pad = pad or text(data.get("pad_token"))
+    return eos, pad
 
 
 def _hf_json(path: Path, name: str) -> TokenizersTokenizer:
@@ -206,8 +215,7 @@ def _hf_json(path: Path, name: str) -> TokenizersTokenizer:
     raw = lzma.decompress(path.read_bytes()).decode("utf-8") if path.name.endswith(".xz") \
         else path.read_text(encoding="utf-8")
     eos, pad = _special_names(path.parent)
-    files = [path] + ([path.parent / "tokenizer_config.json"]
-                      if (path.parent / "tokenizer_config.json").exists() else [])
+    files = [path] + [path.parent / f for f in SPECIAL_TOKEN_FILES if (path.parent / f).exists()]
     return TokenizersTokenizer(HF.from_str(raw), name, "HF tokenizer.json", files, eos, pad)
 
 
