@@ -205,30 +205,43 @@ def iter_records(path: str, include: str = "*", exclude: tuple[str, ...] | list[
         yield from raw_records(file, fmt if fmt != "auto" else detect_format(file, language))
 
 
+def _decode(record: RawRecord) -> str:
+    if not record.data.strip():
+        raise BadRecord(record.where, "empty", "empty file")
+    try:
+        return record.data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadRecord(record.where, "invalid_utf8",
+                        f"invalid UTF-8 (byte {e.start} of the record: {e.reason})") from None
+
+
+def parse_object(record: RawRecord) -> dict[str, Any]:
+    """A JSONL line or a Parquet/Hub row as a dict, or :class:`BadRecord`."""
+    if isinstance(record.data, dict):
+        return record.data
+    if record.fmt != "jsonl":
+        raise BadRecord(record.where, "not_json", f"expected JSON records, not {record.fmt}")
+    text = _decode(record)
+    if record.line == 1:
+        text = text.lstrip("\ufeff")  # a byte-order mark (files written on Windows)
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadRecord(record.where, "malformed_json", f"malformed JSON ({e.msg})") from None
+    if not isinstance(obj, dict):
+        raise BadRecord(record.where, "missing_field",
+                        f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 def parse_record(record: RawRecord, text_field: str = "text") -> str:
     """The text of a record, or :class:`BadRecord` naming the file and line."""
-    data, fmt = record.data, record.fmt
-    if isinstance(data, dict):
-        obj = data
-    else:
-        if not data.strip() and fmt == "file":
+    if isinstance(record.data, bytes) and record.fmt != "jsonl":
+        if not record.data.strip() and record.fmt == "file":
             return ""  # an empty source file (``__init__.py``) is normal, not bad input
-        if not data.strip():
-            raise BadRecord(record.where, "empty", "empty file")
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise BadRecord(record.where, "invalid_utf8",
-                            f"invalid UTF-8 (byte {e.start} of the record: {e.reason})") from None
-        if fmt != "jsonl":
-            return text
-        if record.line == 1:
-            text = text.lstrip("\ufeff")  # a byte-order mark (files written on Windows)
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise BadRecord(record.where, "malformed_json", f"malformed JSON ({e.msg})") from None
-    if not isinstance(obj, dict) or text_field not in obj:
+        return _decode(record)
+    obj = parse_object(record)
+    if text_field not in obj:
         keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
         raise BadRecord(record.where, "missing_field", f"no field {text_field!r} (has {keys})")
     value = obj[text_field]
