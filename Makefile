@@ -29,6 +29,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/train_throughput.py recipes/tiny.yaml
+	$(PY) bench/generate_throughput.py recipes/tiny.yaml
 
 clean:
 	rm -rf runs .pytest_cache

@@ -191,6 +191,14 @@ def find_resumable(ckpt_dir: Path, log=print) -> Found | None:
     return None
 
 
+def checkpoint_path(path: Path) -> Path:
+    """A step directory, or a checkpoints directory (the step its ``latest`` names)."""
+    path = Path(path)
+    if (path / LATEST).is_file():
+        return path / (path / LATEST).read_text().strip()
+    return path
+
+
 def _step_of(path: Path) -> int:
     return int(path.name[len(STEP_PREFIX):].split(".")[0])
 

@@ -44,7 +44,8 @@ def _relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
     return 128 + received[0] if received else code
 
 
-def cmd_pretrain(args: argparse.Namespace, argv: list[str]) -> int:
+def _run_stage(args: argparse.Namespace, argv: list[str], stage) -> int:
+    """A training stage on the shared engine: validate, start the processes, run."""
     recipe = load_recipe(args.recipe, args.overrides)  # fails before any process starts
     if args.check:
         print(f"{args.recipe}: ok ({recipe.parallel.world_size} processes, "
@@ -52,10 +53,20 @@ def cmd_pretrain(args: argparse.Namespace, argv: list[str]) -> int:
         return 0
     if recipe.parallel.world_size > 1 and not _under_torchrun():
         return _relaunch_with_torchrun(recipe.parallel.world_size, argv)
+    stage().run(recipe)
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace, argv: list[str]) -> int:
     from hcx import pretrain
 
-    pretrain.run(recipe)
-    return 0
+    return _run_stage(args, argv, lambda: pretrain)
+
+
+def cmd_sft(args: argparse.Namespace, argv: list[str]) -> int:
+    from hcx import sft
+
+    return _run_stage(args, argv, lambda: sft)
 
 
 def cmd_recipe(args: argparse.Namespace, argv: list[str]) -> int:
@@ -210,6 +221,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.add_argument("--check", action="store_true", help="validate the recipe and exit")
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser(
+        "sft", help="supervised fine-tuning on chat conversations (same engine and layouts)",
+        description="Fine-tune on conversations (data.sources: JSONL/Parquet/hf:// with a "
+                    "'messages' list of {role, content}) rendered with the hcx chat template; "
+                    "the loss is on assistant tokens only. sft.packing (default true) puts "
+                    "several conversations in a sequence with attention isolated between "
+                    "them. Start from pretrained weights with checkpoint.init_from. "
+                    "Processes, resume and checkpoints as for pretrain.")
+    p.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny-sft.yaml")
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    p.add_argument("--check", action="store_true", help="validate the recipe and exit")
+    p.set_defaults(func=cmd_sft)
 
     tok = sub.add_parser("tokenizer", help="tokenizer tools",
                          description="Tokenizer tools.").add_subparsers(dest="tokenizer_command",

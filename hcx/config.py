@@ -209,7 +209,8 @@ class CheckpointConfig(_Strict):
     keep_last: int = Field(default=2, gt=0)
     resume: bool = Field(default=True, description="continue from the latest complete checkpoint")
     init_from: str | None = Field(
-        default=None, description="load model weights only (fresh optimizer, step 0)"
+        default=None, description="load model weights only (fresh optimizer, step 0) from "
+        "a step directory or a checkpoints directory (its latest step)"
     )
 
 
@@ -222,6 +223,17 @@ class LoggingConfig(_Strict):
     log_every: int = Field(default=10, gt=0, description="console line every N steps")
 
 
+class SFTConfig(_Strict):
+    """Supervised fine-tuning (``hcx sft``): ``data.sources`` are chat conversations."""
+
+    messages_field: str = Field(default="messages", description="the field holding the "
+                                "list of {role, content} messages")
+    packing: bool = Field(default=True, description="several conversations per sequence, "
+                          "attention isolated between them; false = one per sequence, "
+                          "batches of similar lengths")
+    skip_bad: bool = Field(default=False, description="count bad records instead of stopping")
+
+
 class Recipe(_Strict):
     name: str
     output_dir: str = Field(description="run directory: metrics, TensorBoard, checkpoints")
@@ -231,6 +243,7 @@ class Recipe(_Strict):
     train: TrainConfig
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
+    sft: SFTConfig = SFTConfig()
 
     @property
     def num_microbatches(self) -> int:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from hcx.checkpoint import checkpoint_path
 from hcx.config import Recipe
 from hcx.errors import HcxError
 from hcx.parallel import device
@@ -17,14 +18,6 @@ from hcx.train import Engine
 
 class CheckpointOpenError(HcxError, ValueError):
     pass
-
-
-def checkpoint_path(path: Path) -> Path:
-    """A step directory, or a checkpoints directory (its ``latest``)."""
-    path = Path(path)
-    if (path / "latest").is_file():
-        return path / (path / "latest").read_text().strip()
-    return path
 
 
 def checkpoint_recipe(ckpt: Path) -> Recipe:

@@ -208,7 +208,8 @@ def read_checkpoint(ckpt: Path, log=print) -> HfWeights:
     """The weights of an hcx checkpoint (a step directory or a checkpoints directory) of
     any layout, loaded in one process with the recipe the checkpoint records."""
     from hcx import parallel
-    from hcx.inference import checkpoint_path, open_checkpoint
+    from hcx.checkpoint import checkpoint_path
+    from hcx.inference import open_checkpoint
 
     ckpt = checkpoint_path(Path(ckpt))
     try:

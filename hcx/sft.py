@@ -185,3 +185,120 @@ def epoch_order(n: int, epoch: int, seed: int, lengths: list[int] | None = None,
     groups = [order[i:i + group] for i in range(0, n, group)]
     rng.shuffle(groups)
     return [i for g in groups for i in g]
+
+
+# --- the stage: a dataset of rows and a task for the shared training loop -----------------
+
+
+class SFTDataset:
+    """Rows visited epoch after epoch, each epoch in its own seeded order. Index ``i``
+    is the ``i``-th row the run sees (the training loop's data position)."""
+
+    def __init__(self, rows: list[Sequence], seed: int, packing: bool, group: int):
+        self.rows = rows
+        self.seed = seed
+        self.lengths = None if packing else [int((r.segments >= 0).sum()) for r in rows]
+        self.group = 0 if packing else group
+        self._orders: dict[int, list[int]] = {}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def sample(self, i: int) -> dict[str, torch.Tensor]:
+        epoch, k = divmod(i, len(self.rows))
+        if epoch not in self._orders:
+            self._orders = {epoch: epoch_order(len(self.rows), epoch, self.seed,
+                                               self.lengths, self.group)}
+        return to_sample(self.rows[self._orders[epoch][k]])
+
+
+class SFTTask:
+    """Next-token loss on the assistant's tokens; packed rows attend within their
+    conversation only (unpacked rows are right-padded, which causal attention already
+    keeps out of every real token's view)."""
+
+    def __init__(self, engine, dataset: SFTDataset, packing: bool):
+        self.engine, self.dataset, self.packing = engine, dataset, packing
+
+    def microbatches(self, step: int) -> list[dict[str, torch.Tensor]]:
+        e = self.engine
+        g, mb = e.recipe.train.global_batch_size, e.recipe.train.micro_batch_size
+        first = e.first_sample(step) + e.topo.dp_rank * mb
+        out = []
+        for k in range(g // (mb * e.topo.dp)):
+            start = first + k * mb * e.topo.dp
+            items = [self.dataset.sample(i) for i in range(start, start + mb)]
+            out.append({key: torch.stack([it[key] for it in items]) for key in items[0]})
+        return out
+
+    def forward_step(self, model, batch):
+        from functools import partial
+
+        from hcx.parallel import device
+        from hcx.train import lm_loss
+
+        dev = device()
+        tokens = batch["tokens"].to(dev)
+        s = tokens.shape[1]
+        mask = attention_mask(batch["segments"]).to(dev) if self.packing else None
+        position_ids = torch.arange(s, device=dev).unsqueeze(0).expand_as(tokens)
+        output = model(tokens, position_ids, mask, labels=batch["labels"].to(dev))
+        return output, partial(lm_loss, batch["loss_mask"].to(dev))
+
+
+def load_rows(recipe, tokenizer, log) -> tuple[list[Sequence], SFTStats]:
+    """Read, render and pack every source (sources repeat by their weight: 2.0 = twice
+    per epoch, 0.5 = a seeded half)."""
+    stats = SFTStats()
+    examples: list[Example] = []
+    rng = random.Random(recipe.train.seed)
+    for i, source in enumerate(recipe.data.sources):
+        if source.path is None:
+            raise SFTDataError(f"data.sources[{i}] ({source.name}): SFT reads conversations "
+                               "from 'path' (JSONL, Parquet or hf://), not a prepared 'prefix'")
+        convs = read_conversations(
+            source.path, recipe.sft.messages_field, recipe.sft.skip_bad, stats,
+            include=source.include, exclude=source.exclude, fmt=source.format,
+            hub_config=source.hub_config, hub_split=source.hub_split)
+        whole, frac = divmod(source.weight, 1.0)
+        picked = convs * int(whole) + rng.sample(convs, round(frac * len(convs)))
+        examples += [tokenize(c, tokenizer, source.name) for c in picked]
+        log(f"sft: {source.name}: {len(convs):,} conversations, {len(picked):,} per epoch")
+    rows = build_sequences(examples, recipe.data.seq_length, tokenizer.pad,
+                           recipe.sft.packing, stats)
+    if not rows:
+        raise SFTDataError(f"no conversation fits data.seq_length={recipe.data.seq_length} "
+                           f"({stats.summary()})")
+    log(f"sft: {stats.summary()}")
+    return rows, stats
+
+
+def run(recipe) -> list[dict]:
+    """``hcx sft``: fine-tune (usually from ``checkpoint.init_from``) on conversations."""
+    import json
+    from pathlib import Path
+
+    from hcx.parallel import shutdown
+    from hcx.pretrain import model_vocab_size
+    from hcx.tokenization import load_tokenizer
+    from hcx.train import build_engine, log_rank0, restore, train
+
+    if recipe.data.eval_every:
+        raise SFTDataError("data.eval_every: hcx sft has no validation pass yet; set "
+                           "data.eval_every=0")
+    tokenizer = load_tokenizer(recipe.data.tokenizer)
+    rows, _ = load_rows(recipe, tokenizer, log_rank0)
+    engine = build_engine(recipe, model_vocab_size(recipe, tokenizer.vocab_size),
+                          per_token_loss=True)
+    try:
+        if engine.topo.rank == 0:
+            out = Path(recipe.output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=1,
+                                                        ensure_ascii=False))
+        restore(engine)
+        dataset = SFTDataset(rows, recipe.train.seed, recipe.sft.packing,
+                             recipe.train.global_batch_size)
+        return train(engine, SFTTask(engine, dataset, recipe.sft.packing))
+    finally:
+        shutdown()

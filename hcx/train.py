@@ -103,14 +103,22 @@ class Engine:
         return self.consumed_samples + (step - self.start_step) * self.recipe.train.global_batch_size
 
 
-def build_engine(recipe: Recipe, vocab_size: int, with_optimizer: bool = True) -> Engine:
-    """Initialize distributed state and build model (+ optimizer and schedule)."""
+def build_engine(recipe: Recipe, vocab_size: int, with_optimizer: bool = True,
+                 per_token_loss: bool = False) -> Engine:
+    """Initialize distributed state and build model (+ optimizer and schedule).
+
+    ``per_token_loss``: the step's gradient is the mean over every loss token of the
+    global batch (megatron's ``calculate_per_token_loss``), not the mean of
+    per-micro-batch means. The two agree when micro-batches hold equal token counts
+    (pretraining); with loss masks of varying size (SFT) only the first is the mean."""
     topo = initialize(recipe.parallel, recipe.train.seed)
     dtype = compute_dtype(recipe.train.precision)
     padded = padded_vocab_size(vocab_size, recipe.parallel.tp)
     model = build_gpt(recipe.model, recipe.parallel, padded, recipe.data.seq_length, dtype,
                       pre_process=topo.is_first_stage, post_process=topo.is_last_stage,
                       recompute=recipe.train.recompute)
+    # Before DDP is built: it sets its gradient scaling from this flag.
+    model.config.calculate_per_token_loss = per_token_loss
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     module = model
@@ -160,7 +168,7 @@ def restore(engine: Engine) -> None:
     elif r.checkpoint.init_from:
         from hcx.paths import resolve
 
-        path = resolve(r.checkpoint.init_from)
+        path = ckpt.checkpoint_path(resolve(r.checkpoint.init_from))
         ckpt.load(path, engine.model, None, None, restore_rng=False, log=engine.log)
         if engine.optimizer is not None:
             # The optimizer's fp32 main weights were copied from the random init when it
