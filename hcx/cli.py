@@ -211,29 +211,29 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: $HCX_DATA_DIR, then ../shared/data)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser(
-        "pretrain", help="pretrain a decoder with megatron-core (TP/PP/DP)",
-        description="Pretrain on megatron indexed datasets. Processes: parallel.tp * parallel.pp "
-                    "* parallel.dp; when more than one is needed and hcx is not already under "
-                    "torchrun, it starts them itself on this machine. Resumes from the newest "
-                    "complete checkpoint in checkpoint.dir unless checkpoint.resume=false.")
-    p.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny.yaml")
-    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
-    p.add_argument("--check", action="store_true", help="validate the recipe and exit")
-    p.set_defaults(func=cmd_pretrain)
+    def stage(name: str, func, example: str, help: str, description: str) -> None:
+        """A training stage's command: RECIPE [overrides] [--check]."""
+        p = sub.add_parser(name, help=help, description=description)
+        p.add_argument("recipe", help=f"recipe YAML, e.g. {example}")
+        p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+        p.add_argument("--check", action="store_true", help="validate the recipe and exit")
+        p.set_defaults(func=func)
 
-    p = sub.add_parser(
-        "sft", help="supervised fine-tuning on chat conversations (same engine and layouts)",
-        description="Fine-tune on conversations (data.sources: JSONL/Parquet/hf:// with a "
-                    "'messages' list of {role, content}) rendered with the hcx chat template; "
-                    "the loss is on assistant tokens only. sft.packing (default true) puts "
-                    "several conversations in a sequence with attention isolated between "
-                    "them. Start from pretrained weights with checkpoint.init_from. "
-                    "Processes, resume and checkpoints as for pretrain.")
-    p.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny-sft.yaml")
-    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
-    p.add_argument("--check", action="store_true", help="validate the recipe and exit")
-    p.set_defaults(func=cmd_sft)
+    stage("pretrain", cmd_pretrain, "recipes/tiny.yaml",
+          help="pretrain a decoder with megatron-core (TP/PP/DP)",
+          description="Pretrain on megatron indexed datasets. Processes: parallel.tp * "
+                      "parallel.pp * parallel.dp; when more than one is needed and hcx is not "
+                      "already under torchrun, it starts them itself on this machine. Resumes "
+                      "from the newest complete checkpoint in checkpoint.dir unless "
+                      "checkpoint.resume=false.")
+    stage("sft", cmd_sft, "recipes/tiny-sft.yaml",
+          help="supervised fine-tuning on chat conversations (same engine and layouts)",
+          description="Fine-tune on conversations (data.sources: JSONL/Parquet/hf:// with a "
+                      "'messages' list of {role, content}) rendered with the hcx chat "
+                      "template; the loss is on assistant tokens only. sft.packing (default "
+                      "true) puts several conversations in a sequence with attention isolated "
+                      "between them. Start from pretrained weights with checkpoint.init_from. "
+                      "Processes, resume and checkpoints as for pretrain.")
 
     tok = sub.add_parser("tokenizer", help="tokenizer tools",
                          description="Tokenizer tools.").add_subparsers(dest="tokenizer_command",
