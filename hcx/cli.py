@@ -69,6 +69,12 @@ def cmd_sft(args: argparse.Namespace, argv: list[str]) -> int:
     return _run_stage(args, argv, lambda: sft)
 
 
+def cmd_align(args: argparse.Namespace, argv: list[str]) -> int:
+    from hcx import align
+
+    return _run_stage(args, argv, lambda: align)
+
+
 def cmd_recipe(args: argparse.Namespace, argv: list[str]) -> int:
     import yaml
 
@@ -234,6 +240,16 @@ def build_parser() -> argparse.ArgumentParser:
                       "true) puts several conversations in a sequence with attention isolated "
                       "between them. Start from pretrained weights with checkpoint.init_from. "
                       "Processes, resume and checkpoints as for pretrain.")
+    stage("align", cmd_align, "recipes/tiny-dpo.yaml",
+          help="preference alignment: DPO, IPO, KTO, BCO, ORPO, f-DPG, reward models",
+          description="Align a fine-tuned model with align.method: dpo (align.label_smoothing "
+                      "> 0 = conservative DPO), ipo, kto, bco, orpo (no reference model), "
+                      "reward (a Bradley-Terry reward model) or fdpg (f-DPG towards a target "
+                      "defined by a constraint or reward scorer). data.sources hold preference "
+                      "records: prompt + chosen + rejected, or prompt + completion + label. "
+                      "The reference model is checkpoint.init_from unless align.reference is "
+                      "set; its log-probs are precomputed once (align.reference_logps="
+                      "precomputed) or computed live. See docs/alignment.md.")
 
     tok = sub.add_parser("tokenizer", help="tokenizer tools",
                          description="Tokenizer tools.").add_subparsers(dest="tokenizer_command",

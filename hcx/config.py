@@ -234,6 +234,59 @@ class SFTConfig(_Strict):
     skip_bad: bool = Field(default=False, description="count bad records instead of stopping")
 
 
+class FDPGConfig(_Strict):
+    """f-DPG (``align.method: fdpg``): approximate the target EBM
+    p(x) ∝ a(x)·b(x) (``constraint``) or a(x)·exp(r(x)/beta) (``reward``) on-policy."""
+
+    divergence: Literal["forward_kl", "reverse_kl", "js", "tv"] = "reverse_kl"
+    scorer: str = Field(description="what scores a sample: 'module:function' (a Python "
+                        "callable taking (prompts, completions) lists of strings and "
+                        "returning floats) or 'reward-model:PATH' (an hcx reward-model "
+                        "checkpoint)")
+    target: Literal["constraint", "reward"] = Field(
+        default="constraint", description="constraint: the scorer returns b(x) in {0, 1}; "
+        "reward: it returns r(x) and the target is a(x) exp(r(x) / align.beta)")
+    samples_per_prompt: int = Field(default=1, gt=0)
+    max_new_tokens: int = Field(default=32, gt=0)
+    baseline_decay: float = Field(default=0.9, ge=0, lt=1, description="moving-average "
+                                  "baseline of the pseudo-reward")
+    prompts_field: str = Field(default="prompt", description="prompt field in the source "
+                               "rows (a string or a list of chat messages)")
+    chat: bool = Field(default=True, description="wrap string prompts as one user turn "
+                       "and add the generation prompt")
+
+
+class AlignConfig(_Strict):
+    """Preference alignment (``hcx align``): the method and its options."""
+
+    method: Literal["dpo", "ipo", "kto", "bco", "orpo", "reward", "fdpg"] = "dpo"
+    beta: float = Field(default=0.1, gt=0, description="DPO/IPO/KTO/BCO: the KL "
+                        "coefficient; ORPO: the odds-ratio weight (lambda); f-DPG reward "
+                        "target: the temperature")
+    label_smoothing: float = Field(default=0.0, ge=0, lt=0.5, description="DPO: assumed "
+                                   "rate of flipped labels (conservative DPO)")
+    desirable_weight: float = Field(default=1.0, gt=0, description="KTO")
+    undesirable_weight: float = Field(default=1.0, gt=0, description="KTO")
+    kto_kl: bool = Field(default=True, description="KTO: estimate the reference point "
+                         "from mismatched completions (false = z0 = 0)")
+    bco_udm: bool = Field(default=False, description="BCO: underlying-distribution "
+                          "matching (re-weight undesirable examples by a prompt classifier)")
+    reference: str | None = Field(default=None, description="reference model checkpoint; "
+                                  "None = checkpoint.init_from")
+    reference_logps: Literal["precomputed", "live"] = Field(
+        default="precomputed", description="precomputed: one pass over the data before "
+        "training, stored in <output_dir>/reference_logps.npz (no second model in memory); "
+        "live: a frozen reference model scores every batch")
+    max_prompt_length: int | None = Field(default=None, gt=0, description="keep the last N "
+                                          "prompt tokens; None = whatever fits")
+    held_out: int = Field(default=0, ge=0, description="examples kept out of training for "
+                          "the validation pass (data.eval_every)")
+    skip_bad: bool = Field(default=False, description="count bad records instead of stopping")
+    center_rewards: float | None = Field(default=None, ge=0, description="reward model: "
+                                         "coefficient pulling rewards towards zero mean")
+    fdpg: FDPGConfig | None = None
+
+
 class Recipe(_Strict):
     name: str
     output_dir: str = Field(description="run directory: metrics, TensorBoard, checkpoints")
@@ -244,6 +297,7 @@ class Recipe(_Strict):
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
     sft: SFTConfig = SFTConfig()
+    align: AlignConfig = AlignConfig()
 
     @property
     def num_microbatches(self) -> int:
@@ -273,6 +327,12 @@ def _combination_errors(r: Recipe) -> list[tuple[str, str]]:
         if not ok:
             errors.append((key, msg))
 
+    a = r.align
+    check(a.method != "fdpg" or a.fdpg is not None, "align.fdpg",
+          "align.method=fdpg needs align.fdpg (at least align.fdpg.scorer)")
+    check(a.method != "fdpg" or p.pp == 1, "parallel.pp",
+          f"align.method=fdpg samples through the generation engine, which runs at "
+          f"pipeline size 1: set parallel.pp=1 (use parallel.tp to split the model)")
     check(m.num_attention_heads % p.tp == 0, "parallel.tp",
           f"model.num_attention_heads={m.num_attention_heads} is not divisible by parallel.tp={p.tp}")
     check(m.num_attention_heads % m.query_groups == 0, "model.num_query_groups",

@@ -97,6 +97,7 @@ class Engine:
     log: Callable[[str], None] = log_rank0
     start_step: int = 0
     consumed_samples: int = 0  # data position at start_step
+    resumed: dict[str, Any] | None = None  # the metadata of the checkpoint resumed from
 
     def first_sample(self, step: int) -> int:
         """The data position at the start of (0-based) ``step``: samples consumed so far."""
@@ -104,13 +105,16 @@ class Engine:
 
 
 def build_engine(recipe: Recipe, vocab_size: int, with_optimizer: bool = True,
-                 per_token_loss: bool = False) -> Engine:
+                 per_token_loss: bool = False,
+                 modify_model: Callable[[Any], None] | None = None) -> Engine:
     """Initialize distributed state and build model (+ optimizer and schedule).
 
     ``per_token_loss``: the step's gradient is the mean over every loss token of the
     global batch (megatron's ``calculate_per_token_loss``), not the mean of
     per-micro-batch means. The two agree when micro-batches hold equal token counts
-    (pretraining); with loss masks of varying size (SFT) only the first is the mean."""
+    (pretraining); with loss masks of varying size (SFT) only the first is the mean.
+    ``modify_model(model)`` changes the built stage before DDP and the optimizer see its
+    parameters (a reward model swaps the output layer for a scalar head)."""
     topo = initialize(recipe.parallel, recipe.train.seed)
     dtype = compute_dtype(recipe.train.precision)
     padded = padded_vocab_size(vocab_size, recipe.parallel.tp)
@@ -119,6 +123,8 @@ def build_engine(recipe: Recipe, vocab_size: int, with_optimizer: bool = True,
                       recompute=recipe.train.recompute)
     # Before DDP is built: it sets its gradient scaling from this flag.
     model.config.calculate_per_token_loss = per_token_loss
+    if modify_model is not None:
+        modify_model(model)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     module = model
@@ -162,6 +168,7 @@ def restore(engine: Engine) -> None:
         meta = ckpt.load(Path(found), engine.model, engine.optimizer, engine.scheduler,
                          log=engine.log)
         engine.start_step = meta["step"]
+        engine.resumed = meta
         engine.consumed_samples = meta.get("consumed_samples", meta["step"] * r.train.global_batch_size)
         _warn_on_changed_recipe(engine, meta.get("recipe", {}))
         engine.log(f"checkpoint: resumed from {found} at step {meta['step']}")
@@ -225,6 +232,8 @@ def run_step(engine: Engine, task: Task, step: int, forward_only: bool = False,
 
     r = engine.recipe
     mbs = batches if batches is not None else task.microbatches(step)
+    # Sequences per micro-batch: an alignment example holds two (chosen and rejected).
+    rows = getattr(task, "rows_per_microbatch", r.train.micro_batch_size)
     if not forward_only:
         engine.ddp.zero_grad_buffer()
         engine.optimizer.zero_grad()
@@ -234,7 +243,7 @@ def run_step(engine: Engine, task: Task, step: int, forward_only: bool = False,
         model=[engine.ddp],
         num_microbatches=len(mbs),
         seq_length=r.data.seq_length,
-        micro_batch_size=r.train.micro_batch_size,
+        micro_batch_size=rows,
         forward_only=forward_only,
     )
     return _reduce_loss(engine, losses)
@@ -257,9 +266,11 @@ def train(engine: Engine, task: Task, valid_task: Task | None = None) -> list[di
                    "(raise train.steps to continue)")
 
     def save(done: int) -> None:
+        extra = {"consumed_samples": engine.first_sample(done), "recipe": r.to_dict()}
+        if hasattr(task, "state_dict"):  # a loss's own state (BCO's running reward mean)
+            extra["task_state"] = task.state_dict()
         path = ckpt.save(r.checkpoint_dir, done, engine.model, engine.optimizer, engine.scheduler,
-                         {"consumed_samples": engine.first_sample(done), "recipe": r.to_dict()},
-                         r.checkpoint.keep_last)
+                         extra, r.checkpoint.keep_last)
         if logger:
             logger.write(f"checkpoint: saved {path}")
 
