@@ -331,8 +331,8 @@ def _combination_errors(r: Recipe) -> list[tuple[str, str]]:
     check(a.method != "fdpg" or a.fdpg is not None, "align.fdpg",
           "align.method=fdpg needs align.fdpg (at least align.fdpg.scorer)")
     check(a.method != "fdpg" or p.pp == 1, "parallel.pp",
-          f"align.method=fdpg samples through the generation engine, which runs at "
-          f"pipeline size 1: set parallel.pp=1 (use parallel.tp to split the model)")
+          "align.method=fdpg samples through the generation engine, which runs at "
+          "pipeline size 1: set parallel.pp=1 (use parallel.tp to split the model)")
     check(m.num_attention_heads % p.tp == 0, "parallel.tp",
           f"model.num_attention_heads={m.num_attention_heads} is not divisible by parallel.tp={p.tp}")
     check(m.num_attention_heads % m.query_groups == 0, "model.num_query_groups",

@@ -255,3 +255,41 @@ def test_align_errors_name_the_key(tmp_path, shared_data):
     assert proc.returncode != 0 and "align.held_out" in proc.stderr
     proc = hcx("align", str(recipe), "align.method=fdpg", "--check", check=False)
     assert proc.returncode != 0 and "align.fdpg" in proc.stderr
+
+
+@pytest.mark.slow
+def test_fdpg_trains_on_policy_and_tp2_matches(tmp_path, sft_checkpoint, shared_data):
+    recipe = align_recipe(tmp_path, sft_checkpoint, shared_data, method="fdpg",
+                          fdpg={"scorer": "hcx.scorers:has_digit", "max_new_tokens": 8,
+                                "divergence": "js"})
+    hcx("align", str(recipe), "train.steps=2")
+    got = records(tmp_path / "run")
+    for key in ("fdpg/divergence", "fdpg/log_z", "fdpg/constraint", "fdpg/distinct_2", "kl",
+                "fdpg/baseline", "fdpg/importance_weight"):
+        assert key in got[-1], key
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in got)
+    # step 1 samples from q = pi, so every importance weight is 1
+    assert got[0]["fdpg/importance_weight"] == pytest.approx(1.0, abs=1e-4)
+    meta = json.loads((tmp_path / "run/checkpoints/step_00000002/hcx.json").read_text())
+    assert meta["task_state"]["partition"]["count"] == 8  # 2 steps x 4 samples
+    hcx("align", str(recipe), "train.steps=2", "parallel.tp=2", f"output_dir={tmp_path / 'tp2'}")
+    assert list(losses(tmp_path / "tp2").values()) == pytest.approx(
+        list(losses(tmp_path / "run").values()), rel=1e-4)
+
+
+def test_fdpg_scorer_errors_are_named():
+    from hcx.align import AlignError
+    from hcx.fdpg_stage import load_scorer
+
+    with pytest.raises(AlignError, match="expected 'module:function'"):
+        load_scorer("has_digit", None, None, print)
+    with pytest.raises(AlignError, match="cannot import it"):
+        load_scorer("hcx.scorers:nope", None, None, print)
+
+
+def test_ready_made_scorers():
+    from hcx import scorers
+
+    assert scorers.korean([], ["안녕하세요 hi", "hello 세상"]) == [1.0, 0.0]
+    assert scorers.has_digit([], ["a1", "b"]) == [1.0, 0.0]
+    assert scorers.korean_share([], ["가a", "123"]) == [0.5, 0.0]
