@@ -333,6 +333,9 @@ def _combination_errors(r: Recipe) -> list[tuple[str, str]]:
     check(a.method != "fdpg" or p.pp == 1, "parallel.pp",
           "align.method=fdpg samples through the generation engine, which runs at "
           "pipeline size 1: set parallel.pp=1 (use parallel.tp to split the model)")
+    check(not (a.method == "reward" and m.tie_embeddings and p.pp > 1), "parallel.pp",
+          "align.method=reward with model.tie_embeddings=true needs parallel.pp=1 (the "
+          "reward head replaces the output layer the last stage would share)")
     check(m.num_attention_heads % p.tp == 0, "parallel.tp",
           f"model.num_attention_heads={m.num_attention_heads} is not divisible by parallel.tp={p.tp}")
     check(m.num_attention_heads % m.query_groups == 0, "model.num_query_groups",

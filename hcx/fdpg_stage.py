@@ -97,7 +97,7 @@ def load_scorer(spec: str, recipe, topo, log) -> Callable:
         from hcx import reward
         from hcx.paths import resolve
 
-        return reward.RewardScorer(resolve(spec[len("reward-model:"):]), recipe, topo, log)
+        return reward.load_reward_model(resolve(spec[len("reward-model:"):]), recipe, log)
     module, _, name = spec.partition(":")
     if not module or not name:
         raise AlignError(f"align.fdpg.scorer={spec!r}: expected 'module:function' or "

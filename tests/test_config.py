@@ -151,3 +151,9 @@ def test_prepare_settings_are_validated_with_their_origin():
         load_recipe(TINY, ["data.prepare.decontaminate.ngrams=8"])
     recipe = load_recipe(TINY)
     assert [s.uses_fim for s in recipe.data.sources] == [False, False, False, False, True]
+
+
+@pytest.mark.parametrize("path", sorted(Path(TINY).parent.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_validates(path):
+    recipe = load_recipe(str(path), [])
+    assert recipe.name == path.stem
