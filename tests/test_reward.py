@@ -63,11 +63,15 @@ def test_head_is_a_scalar_output_layer():
 
 
 def test_tied_embeddings_with_pipeline_stages_are_refused_naming_the_keys():
-    from hcx.config import load_recipe
+    from hcx.config import RecipeError, load_recipe
     from hcx.reward import check_layout
 
-    recipe = load_recipe(ROOT / "recipes" / "tiny-reward.yaml",
-                         ["model.tie_embeddings=true", "parallel.pp=2"])
+    # the recipe validator refuses it before any process starts
+    with pytest.raises(RecipeError, match=r"parallel.pp.*model.tie_embeddings=true"):
+        load_recipe(ROOT / "recipes" / "tiny-reward.yaml",
+                    ["model.tie_embeddings=true", "parallel.pp=2"])
+    recipe = load_recipe(ROOT / "recipes" / "tiny-reward.yaml", ["model.tie_embeddings=true"])
+    recipe.parallel.pp = 2  # and the stage itself, for a recipe built in Python
     with pytest.raises(RewardError, match=r"model.tie_embeddings=true.*parallel.pp=2"):
         check_layout(recipe)
     check_layout(load_recipe(ROOT / "recipes" / "tiny-reward.yaml", ["model.tie_embeddings=true"]))
