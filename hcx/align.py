@@ -23,7 +23,6 @@ Both give the same losses (a test checks it).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from functools import partial
 from pathlib import Path
@@ -35,7 +34,7 @@ import torch.distributed as dist
 from hcx import losses as L
 from hcx import preference as P
 from hcx.errors import HcxError
-from hcx.parallel import device
+from hcx.parallel import device, dp_gather, dp_mean
 
 NEEDS_REFERENCE = ("dpo", "ipo", "kto", "bco")
 REFERENCE_FILE = "reference_logps.npz"
@@ -288,22 +287,10 @@ class AlignTask:
         return output, partial(self.loss, batch)
 
     def _dp_mean(self, x: torch.Tensor) -> torch.Tensor:
-        from megatron.core import parallel_state as ps
-
-        if self.engine.topo.dp > 1:
-            x = x.clone()
-            dist.all_reduce(x, group=ps.get_data_parallel_group())
-            x = x / self.engine.topo.dp
-        return x
+        return dp_mean(x, self.engine.topo)
 
     def _gathered(self, x: torch.Tensor) -> torch.Tensor:
-        from megatron.core import parallel_state as ps
-
-        if self.engine.topo.dp == 1:
-            return x
-        parts = [torch.empty_like(x) for _ in range(self.engine.topo.dp)]
-        dist.all_gather(parts, x.contiguous(), group=ps.get_data_parallel_group())
-        return torch.cat(parts)
+        return dp_gather(x, self.engine.topo)
 
     def loss(self, batch, output):
         cfg = self.cfg
@@ -385,7 +372,7 @@ def run(recipe) -> list[dict]:
     from hcx.parallel import initialize, shutdown
     from hcx.pretrain import model_vocab_size
     from hcx.tokenization import load_tokenizer
-    from hcx.train import build_engine, log_rank0, restore, train
+    from hcx.train import build_engine, log_rank0, restore, train, write_run_recipe
 
     cfg = recipe.align
     if cfg.method == "reward":
@@ -412,11 +399,7 @@ def run(recipe) -> list[dict]:
             reference = precomputed_reference(recipe, vocab, topo, ref_path, examples + valid,
                                               tokenizer.pad, log_rank0)
         engine = build_engine(recipe, vocab, per_token_loss=True)
-        if engine.topo.rank == 0:
-            out = Path(recipe.output_dir)
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=1,
-                                                        ensure_ascii=False))
+        write_run_recipe(engine)
         restore(engine)
         live = (frozen_model(recipe, vocab, engine.topo, ref_path, log_rank0)
                 if needs_ref and cfg.reference_logps == "live" else None)

@@ -30,19 +30,17 @@ validator says so); TP and DP work. Three models are in memory: policy, proposal
 from __future__ import annotations
 
 import importlib
-import json
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 
 from hcx import fdpg as F
 from hcx import preference as P
 from hcx.align import AlignError, frozen_model, reference_checkpoint, score, sequence_logps
-from hcx.parallel import device
+from hcx.parallel import device, dp_gather, dp_mean
 
 
 def load_prompts(recipe, tokenizer, log) -> list[tuple[list[int], str]]:
@@ -166,22 +164,10 @@ class FDPGTask:
         return self._order[1][k]
 
     def _dp_mean(self, x: torch.Tensor) -> torch.Tensor:
-        from megatron.core import parallel_state as ps
-
-        if self.engine.topo.dp > 1:
-            x = x.clone()
-            dist.all_reduce(x, group=ps.get_data_parallel_group())
-            x = x / self.engine.topo.dp
-        return x
+        return dp_mean(x, self.engine.topo)
 
     def _gathered(self, x: torch.Tensor) -> torch.Tensor:
-        from megatron.core import parallel_state as ps
-
-        if self.engine.topo.dp == 1:
-            return x
-        parts = [torch.empty_like(x) for _ in range(self.engine.topo.dp)]
-        dist.all_gather(parts, x.contiguous(), group=ps.get_data_parallel_group())
-        return torch.cat(parts)
+        return dp_gather(x, self.engine.topo)
 
     def _scores(self, prompts: list[str], completions: list[str], rows) -> torch.Tensor:
         if hasattr(self.scorer, "score_rows"):
@@ -289,7 +275,7 @@ def run(recipe) -> list[dict]:
     from hcx.parallel import shutdown
     from hcx.pretrain import model_vocab_size
     from hcx.tokenization import load_tokenizer
-    from hcx.train import build_engine, log_rank0, restore, train
+    from hcx.train import build_engine, log_rank0, restore, train, write_run_recipe
 
     cfg = recipe.align.fdpg
     g, mb = recipe.train.global_batch_size, recipe.train.micro_batch_size
@@ -305,11 +291,7 @@ def run(recipe) -> list[dict]:
     base_path = reference_checkpoint(recipe)
     engine = build_engine(recipe, vocab, per_token_loss=True)
     try:
-        if engine.topo.rank == 0:
-            out = Path(recipe.output_dir)
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=1,
-                                                        ensure_ascii=False))
+        write_run_recipe(engine)
         restore(engine)
         base = frozen_model(recipe, vocab, engine.topo, base_path, log_rank0)
         proposal = frozen_model(recipe, vocab, engine.topo, base_path, log_rank0)

@@ -106,6 +106,28 @@ def initialize(parallel: ParallelConfig, seed: int, timeout_minutes: int = 30) -
     return topo
 
 
+def dp_mean(x: torch.Tensor, topo: Topology) -> torch.Tensor:
+    """The mean of ``x`` over the data-parallel ranks (a copy; ``x`` itself if dp = 1)."""
+    from megatron.core import parallel_state
+
+    if topo.dp == 1:
+        return x
+    x = x.clone()
+    dist.all_reduce(x, group=parallel_state.get_data_parallel_group())
+    return x / topo.dp
+
+
+def dp_gather(x: torch.Tensor, topo: Topology) -> torch.Tensor:
+    """Every data-parallel rank's ``x`` (same shape on each), concatenated in rank order."""
+    from megatron.core import parallel_state
+
+    if topo.dp == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(topo.dp)]
+    dist.all_gather(parts, x.contiguous(), group=parallel_state.get_data_parallel_group())
+    return torch.cat(parts)
+
+
 def shutdown() -> None:
     from megatron.core import parallel_state
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from hcx.config import Recipe
 from hcx.data import DataError, build_datasets, materialize_sources
 from hcx.parallel import shutdown
 from hcx.tokenization import load_tokenizer
-from hcx.train import PretrainTask, build_engine, restore, train
+from hcx.train import PretrainTask, build_engine, restore, train, write_run_recipe
 
 
 def model_vocab_size(recipe: Recipe, tokenizer_vocab: int) -> int:
@@ -29,10 +28,7 @@ def run(recipe: Recipe) -> list[dict]:
     prefixes = materialize_sources(recipe, tokenizer)
     engine = build_engine(recipe, vocab)
     try:
-        if engine.topo.rank == 0:
-            out = Path(recipe.output_dir)
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=1, ensure_ascii=False))
+        write_run_recipe(engine)
         datasets = build_datasets(recipe, prefixes, tokenizer)
         restore(engine)
         task = PretrainTask(engine, datasets.train)

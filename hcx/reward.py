@@ -43,7 +43,6 @@ embedding's gradient with the head's). Scoring runs at ``pp == 1``.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from functools import partial
@@ -270,7 +269,7 @@ def run(recipe) -> list[dict]:
     from hcx.parallel import initialize, shutdown
     from hcx.pretrain import model_vocab_size
     from hcx.tokenization import load_tokenizer
-    from hcx.train import build_engine, log_rank0, train
+    from hcx.train import build_engine, log_rank0, train, write_run_recipe
 
     cfg = recipe.align
     if recipe.data.eval_every and not cfg.held_out:
@@ -284,11 +283,7 @@ def run(recipe) -> list[dict]:
     try:
         engine = build_engine(recipe, vocab, per_token_loss=True,
                               modify_model=partial(attach_head, recipe=recipe))
-        if engine.topo.rank == 0:
-            out = Path(recipe.output_dir)
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=1,
-                                                        ensure_ascii=False))
+        write_run_recipe(engine)
         restore(engine)
         task = RewardTask(engine, examples, tokenizer.pad)
         valid_task = (RewardTask(engine, valid, tokenizer.pad, held_out=True)

@@ -275,13 +275,11 @@ def load_rows(recipe, tokenizer, log) -> tuple[list[Sequence], SFTStats]:
 
 def run(recipe) -> list[dict]:
     """``hcx sft``: fine-tune (usually from ``checkpoint.init_from``) on conversations."""
-    import json
-    from pathlib import Path
 
     from hcx.parallel import shutdown
     from hcx.pretrain import model_vocab_size
     from hcx.tokenization import load_tokenizer
-    from hcx.train import build_engine, log_rank0, restore, train
+    from hcx.train import build_engine, log_rank0, restore, train, write_run_recipe
 
     if recipe.data.eval_every:
         raise SFTDataError("data.eval_every: hcx sft has no validation pass yet; set "
@@ -291,11 +289,7 @@ def run(recipe) -> list[dict]:
     engine = build_engine(recipe, model_vocab_size(recipe, tokenizer.vocab_size),
                           per_token_loss=True)
     try:
-        if engine.topo.rank == 0:
-            out = Path(recipe.output_dir)
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=1,
-                                                        ensure_ascii=False))
+        write_run_recipe(engine)
         restore(engine)
         dataset = SFTDataset(rows, recipe.train.seed, recipe.sft.packing,
                              recipe.train.global_batch_size)

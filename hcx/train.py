@@ -146,6 +146,17 @@ def build_engine(recipe: Recipe, vocab_size: int, with_optimizer: bool = True,
     return Engine(recipe, topo, model, ddp, optimizer, scheduler, dtype, padded)
 
 
+def write_run_recipe(engine: Engine) -> None:
+    """``<output_dir>/recipe.json``: the resolved recipe of the run (rank 0)."""
+    import json
+
+    if engine.topo.rank == 0:
+        out = Path(engine.recipe.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.json").write_text(json.dumps(engine.recipe.to_dict(), indent=1,
+                                                    ensure_ascii=False))
+
+
 def restore(engine: Engine) -> None:
     """Resume from the newest complete checkpoint, or load ``init_from`` weights."""
     r = engine.recipe
