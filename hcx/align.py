@@ -35,6 +35,7 @@ from hcx import losses as L
 from hcx import preference as P
 from hcx.errors import HcxError
 from hcx.parallel import device, dp_gather, dp_mean
+from hcx.sft import EpochOrder
 
 NEEDS_REFERENCE = ("dpo", "ipo", "kto", "bco")
 REFERENCE_FILE = "reference_logps.npz"
@@ -109,18 +110,15 @@ def reference_checkpoint(recipe) -> Path:
     return checkpoint_path(resolve(where))
 
 
-def frozen_model(recipe, vocab_size: int, topo, path: Path, log):
-    """This rank's stage of a model with ``path``'s weights, for scoring only."""
+def freeze(model, path: Path | None, dtype: torch.dtype, log):
+    """A built model stage for scoring only: on the device, ``path``'s weights (None: the
+    caller fills them), no gradients, eval mode, wrapped for bf16."""
     from hcx import checkpoint as ckpt
-    from hcx.model import build_gpt, compute_dtype, padded_vocab_size
 
-    dtype = compute_dtype(recipe.train.precision)
-    model = build_gpt(recipe.model, recipe.parallel,
-                      padded_vocab_size(vocab_size, recipe.parallel.tp), recipe.data.seq_length,
-                      dtype, pre_process=topo.is_first_stage, post_process=topo.is_last_stage)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
-    ckpt.load(path, model, restore_rng=False, log=log)
+    if path is not None:
+        ckpt.load(path, model, restore_rng=False, log=log)
     model.requires_grad_(False)
     model.eval()
     if dtype == torch.bfloat16:
@@ -128,6 +126,17 @@ def frozen_model(recipe, vocab_size: int, topo, path: Path, log):
 
         return Float16Module(model.config, model)
     return model
+
+
+def frozen_model(recipe, vocab_size: int, topo, path: Path | None, log):
+    """This rank's stage of a model with ``path``'s weights, for scoring only."""
+    from hcx.model import build_gpt, compute_dtype, padded_vocab_size
+
+    dtype = compute_dtype(recipe.train.precision)
+    model = build_gpt(recipe.model, recipe.parallel,
+                      padded_vocab_size(vocab_size, recipe.parallel.tp), recipe.data.seq_length,
+                      dtype, pre_process=topo.is_first_stage, post_process=topo.is_last_stage)
+    return freeze(model, path, dtype, log)
 
 
 @torch.no_grad()
@@ -247,16 +256,7 @@ class AlignTask:
         self.running = running
         self.slots = rows_per_example(self.cfg)
         self.rows_per_microbatch = engine.recipe.train.micro_batch_size * self.slots
-        self._order: tuple[int, list[int]] = (-1, [])
-
-    def _example(self, i: int) -> int:
-        from hcx.sft import epoch_order
-
-        epoch, k = divmod(i, len(self.examples))
-        if self._order[0] != epoch:
-            self._order = (epoch, epoch_order(len(self.examples), epoch,
-                                              self.engine.recipe.train.seed))
-        return self._order[1][k]
+        self._example = EpochOrder(len(examples), engine.recipe.train.seed)
 
     def microbatches(self, step: int) -> list[dict[str, torch.Tensor]]:
         e = self.engine
@@ -286,12 +286,6 @@ class AlignTask:
         output = model(tokens, pos, None, labels=batch["labels"].to(dev))
         return output, partial(self.loss, batch)
 
-    def _dp_mean(self, x: torch.Tensor) -> torch.Tensor:
-        return dp_mean(x, self.engine.topo)
-
-    def _gathered(self, x: torch.Tensor) -> torch.Tensor:
-        return dp_gather(x, self.engine.topo)
-
     def loss(self, batch, output):
         cfg = self.cfg
         dev = output.device
@@ -311,7 +305,7 @@ class AlignTask:
             losses, metrics = L.orpo_loss(logps[:mb], logps[mb:], chosen_lengths=lengths[:mb],
                                           rejected_lengths=lengths[mb:], beta=cfg.beta)
         elif m == "kto":
-            z0 = (L.kto_reference_point(logps[mb:], ref[mb:], reduce=self._dp_mean)
+            z0 = (L.kto_reference_point(logps[mb:], ref[mb:], reduce=partial(dp_mean, topo=self.engine.topo))
                   if cfg.kto_kl else 0.0)
             losses, metrics = L.kto_loss(logps[:mb], ref[:mb], desirable, z0, beta=cfg.beta,
                                          desirable_weight=cfg.desirable_weight,
@@ -321,7 +315,7 @@ class AlignTask:
             if self.held_out:
                 delta = self.running.mean
             else:  # every DP rank folds in the same global batch, so all keep one delta
-                delta = self.running.update(self._gathered(rewards))
+                delta = self.running.update(dp_gather(rewards, self.engine.topo))
             weights = batch["udm_weight"].to(dev) if cfg.bco_udm else None
             losses, metrics = L.bco_loss(logps, ref, desirable, delta, beta=cfg.beta,
                                          udm_weights=weights)
@@ -420,8 +414,6 @@ def run(recipe) -> list[dict]:
                                    held_out=True,
                                    reference=reference[n:] if reference is not None else None)
         records = train(engine, task, valid_task)
-        engine.log(f"done: metrics in {Path(recipe.output_dir) / 'metrics.jsonl'}, "
-                   f"checkpoints in {recipe.checkpoint_dir}")
         return records
     finally:
         shutdown()

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import importlib
 from functools import partial
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
 
@@ -41,6 +40,7 @@ from hcx import fdpg as F
 from hcx import preference as P
 from hcx.align import AlignError, frozen_model, reference_checkpoint, score, sequence_logps
 from hcx.parallel import device, dp_gather, dp_mean
+from hcx.sft import EpochOrder
 
 
 def load_prompts(recipe, tokenizer, log) -> list[tuple[list[int], str]]:
@@ -122,7 +122,7 @@ class FDPGTask:
         self.baseline = F.MovingAverageBaseline(self.cfg.baseline_decay)
         self.proposal_updates = 0
         self._divergences: list[tuple[float, float]] = []  # (policy, proposal) per batch
-        self._order: tuple[int, list[int]] = (-1, [])
+        self._prompt = EpochOrder(len(prompts), engine.recipe.train.seed)
         from hcx.generate import Generator, chat_stop_ids
 
         self.generator = Generator(SimpleNamespace(ddp=proposal, recipe=engine.recipe), tokenizer)
@@ -147,27 +147,12 @@ class FDPGTask:
             return
         sums = torch.tensor(self._divergences, dtype=torch.float64).mean(0)
         self._divergences = []
-        sums = self._dp_mean(sums.to(device())).cpu()
+        sums = dp_mean(sums.to(device()), self.engine.topo).cpu()
         if F.should_update_proposal(float(sums[0]), float(sums[1])):
             self._copy_policy_to_proposal()
             self.proposal_updates += 1
 
     # -- data ---------------------------------------------------------------------------
-
-    def _prompt(self, i: int) -> int:
-        from hcx.sft import epoch_order
-
-        epoch, k = divmod(i, len(self.prompts))
-        if self._order[0] != epoch:
-            self._order = (epoch, epoch_order(len(self.prompts), epoch,
-                                              self.engine.recipe.train.seed))
-        return self._order[1][k]
-
-    def _dp_mean(self, x: torch.Tensor) -> torch.Tensor:
-        return dp_mean(x, self.engine.topo)
-
-    def _gathered(self, x: torch.Tensor) -> torch.Tensor:
-        return dp_gather(x, self.engine.topo)
 
     def _scores(self, prompts: list[str], completions: list[str], rows) -> torch.Tensor:
         if hasattr(self.scorer, "score_rows"):
@@ -212,8 +197,9 @@ class FDPGTask:
             target = F.target_logp(base, constraint=scores)
         else:
             target = F.target_logp(base, reward=scores, beta=self.beta)
-        self.partition.update(self._gathered(target.to(device())).cpu(),
-                              self._gathered(proposal.to(device())).cpu())
+        topo = self.engine.topo
+        self.partition.update(dp_gather(target.to(device()), topo).cpu(),
+                              dp_gather(proposal.to(device()), topo).cpu())
         log_z = self.partition.log_z
         for k, batch in enumerate(batches):
             part = slice(k * mb, (k + 1) * mb)
@@ -248,7 +234,8 @@ class FDPGTask:
         with torch.no_grad():
             q_div = F.divergence_estimate(proposal, proposal, target, log_z, div)
             self._divergences.append((float(metrics["fdpg/divergence"]), float(q_div)))
-            self.baseline.update(self._dp_mean(metrics["fdpg/weighted_pseudo_reward"].double()))
+            self.baseline.update(dp_mean(metrics["fdpg/weighted_pseudo_reward"].double(),
+                                         self.engine.topo))
             # KL(pi || a) on the proposal's samples, self-normalised importance weights
             w = torch.exp((logps.detach() - proposal).clamp(max=20.0))
             base = batch["base_logps"].to(dev)
@@ -294,12 +281,11 @@ def run(recipe) -> list[dict]:
         write_run_recipe(engine)
         restore(engine)
         base = frozen_model(recipe, vocab, engine.topo, base_path, log_rank0)
-        proposal = frozen_model(recipe, vocab, engine.topo, base_path, log_rank0)
+        # No weights loaded: the task starts it as a copy of the policy.
+        proposal = frozen_model(recipe, vocab, engine.topo, None, log_rank0)
         scorer = load_scorer(cfg.scorer, recipe, engine.topo, log_rank0)
         task = FDPGTask(engine, tokenizer, prompts, base, proposal, scorer)
         records = train(engine, task)
-        engine.log(f"done: metrics in {Path(recipe.output_dir) / 'metrics.jsonl'}, "
-                   f"checkpoints in {recipe.checkpoint_dir}")
         return records
     finally:
         shutdown()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from hcx.config import Recipe
 from hcx.data import DataError, build_datasets, materialize_sources
@@ -36,8 +35,6 @@ def run(recipe: Recipe) -> list[dict]:
         if datasets.valid is not None:
             valid = PretrainTask(engine, datasets.valid, held_out=True)
         records = train(engine, task, valid)
-        engine.log(f"done: metrics in {Path(recipe.output_dir) / 'metrics.jsonl'}, "
-                   f"checkpoints in {recipe.checkpoint_dir}")
         return records
     finally:
         shutdown()

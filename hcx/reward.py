@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from hcx import checkpoint as ckpt
 from hcx import losses as L
 from hcx import preference as P
-from hcx.align import AlignError, AlignTask
+from hcx.align import AlignError, AlignTask, freeze
 from hcx.errors import HcxError
 from hcx.parallel import device
 
@@ -289,8 +289,6 @@ def run(recipe) -> list[dict]:
         valid_task = (RewardTask(engine, valid, tokenizer.pad, held_out=True)
                       if valid and recipe.data.eval_every else None)
         records = train(engine, task, valid_task)
-        engine.log(f"done: metrics in {Path(recipe.output_dir) / 'metrics.jsonl'}, "
-                   f"checkpoints in {recipe.checkpoint_dir}")
         return records
     finally:
         shutdown()
@@ -425,15 +423,6 @@ def load_reward_model(path, layout=None, log=print) -> RewardModel:
     model = build_gpt(recipe.model, recipe.parallel, vocab, recipe.data.seq_length, dtype,
                       pre_process=True, post_process=True)
     attach_head(model, recipe)
-    if torch.cuda.is_available():
-        model.cuda(torch.cuda.current_device())
-    ckpt.load(path, model, restore_rng=False, log=log)
-    model.requires_grad_(False)
-    model.eval()
-    if dtype == torch.bfloat16:
-        from megatron.core.transformer.module import Float16Module
-
-        model = Float16Module(model.config, model)
-    model_obj.module = model
+    model_obj.module = freeze(model, path, dtype, log)
     log(f"reward: scoring with {path} (tp={tp})")
     return model_obj

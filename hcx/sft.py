@@ -187,6 +187,22 @@ def epoch_order(n: int, epoch: int, seed: int, lengths: list[int] | None = None,
     return [i for g in groups for i in g]
 
 
+class EpochOrder:
+    """The training loop's data position ``i`` -> row index: rows visited epoch after
+    epoch, each epoch in its :func:`epoch_order` (the current epoch's order is cached)."""
+
+    def __init__(self, n: int, seed: int, lengths: list[int] | None = None, group: int = 0):
+        self.n, self.seed, self.lengths, self.group = n, seed, lengths, group
+        self._epoch, self._order = -1, []
+
+    def __call__(self, i: int) -> int:
+        epoch, k = divmod(i, self.n)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._order = epoch_order(self.n, epoch, self.seed, self.lengths, self.group)
+        return self._order[k]
+
+
 # --- the stage: a dataset of rows and a task for the shared training loop -----------------
 
 
@@ -196,20 +212,14 @@ class SFTDataset:
 
     def __init__(self, rows: list[Sequence], seed: int, packing: bool, group: int):
         self.rows = rows
-        self.seed = seed
-        self.lengths = None if packing else [int((r.segments >= 0).sum()) for r in rows]
-        self.group = 0 if packing else group
-        self._orders: dict[int, list[int]] = {}
+        lengths = None if packing else [int((r.segments >= 0).sum()) for r in rows]
+        self.order = EpochOrder(len(rows), seed, lengths, 0 if packing else group)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def sample(self, i: int) -> dict[str, torch.Tensor]:
-        epoch, k = divmod(i, len(self.rows))
-        if epoch not in self._orders:
-            self._orders = {epoch: epoch_order(len(self.rows), epoch, self.seed,
-                                               self.lengths, self.group)}
-        return to_sample(self.rows[self._orders[epoch][k]])
+        return to_sample(self.rows[self.order(i)])
 
 
 class SFTTask:

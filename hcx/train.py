@@ -337,6 +337,8 @@ def train(engine: Engine, task: Task, valid_task: Task | None = None) -> list[di
     finally:
         if logger:
             logger.close()
+    engine.log(f"done: metrics in {Path(r.output_dir) / 'metrics.jsonl'}, checkpoints in "
+               f"{r.checkpoint_dir}")
     return records
 
 

@@ -69,6 +69,25 @@ def small_recipe(path: Path, output_dir: Path, prefix: Path, **sections) -> Path
     return path
 
 
+SHIPPED_TOKENIZER = str(ROOT / "tokenizer" / "hcx-ko-en-32k" / "tokenizer.model")
+
+
+@pytest.fixture(scope="session")
+def sft_checkpoint(tmp_path_factory) -> Path:
+    """A 2-layer model (hidden 64, the shipped tokenizer) fine-tuned for 2 steps: where
+    the alignment and reward tests start, and their reference model."""
+    d = tmp_path_factory.mktemp("sft")
+    recipe = small_recipe(
+        d / "sft.yaml", d / "run", d / "unused",
+        data={"tokenizer": {"kind": "sentencepiece", "path": SHIPPED_TOKENIZER},
+              "seq_length": 96,
+              "sources": [{"name": "ko", "path": "data://train/sft/ko_koalpaca_v1_head/train.jsonl"}]},
+        train={"steps": 2, "global_batch_size": 4, "micro_batch_size": 2, "warmup_steps": 0},
+        checkpoint={"save_every": 0})
+    hcx("sft", str(recipe))
+    return d / "run" / "checkpoints"
+
+
 def hcx(*args: str, timeout: int = 600, check: bool = True, **popen) -> subprocess.CompletedProcess:
     """Run the real command line, as a user would."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

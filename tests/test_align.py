@@ -155,20 +155,6 @@ def test_shared_preference_data_reads(shared_data, tok):
 # --- the stage on the engine -------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def sft_checkpoint(tmp_path_factory) -> Path:
-    """A tiny 2-layer model fine-tuned for 2 steps: the policy's start and the reference."""
-    d = tmp_path_factory.mktemp("align_sft")
-    recipe = small_recipe(
-        d / "sft.yaml", d / "run", d / "unused",
-        data={"tokenizer": {"kind": "sentencepiece", "path": TOKENIZER}, "seq_length": 96,
-              "sources": [{"name": "ko", "path": "data://train/sft/ko_koalpaca_v1_head/train.jsonl"}]},
-        train={"steps": 2, "global_batch_size": 4, "micro_batch_size": 2, "warmup_steps": 0},
-        checkpoint={"save_every": 0})
-    hcx("sft", str(recipe))
-    return d / "run" / "checkpoints"
-
-
 def align_recipe(tmp_path, sft_checkpoint, shared_data, name="run", **align) -> Path:
     pairs = tmp_path / "pairs.jsonl"
     if not pairs.exists():  # a few real pairs of each language

@@ -103,21 +103,6 @@ def metrics(run_dir: Path) -> dict[int, dict]:
     return out
 
 
-@pytest.fixture(scope="module")
-def sft_checkpoint(tmp_path_factory) -> Path:
-    """A 2-step SFT model of the test shape (2 layers, hidden 64, the shipped tokenizer)."""
-    tmp = tmp_path_factory.mktemp("reward_sft")
-    recipe = small_recipe(
-        tmp / "sft.yaml", tmp / "run", tmp / "unused",
-        data={"tokenizer": {"kind": "sentencepiece", "path": TOKENIZER}, "seq_length": 64,
-              "sources": [{"name": "ko", "weight": 0.2,
-                           "path": "data://train/sft/ko_koalpaca_v1_head/train.jsonl"}]},
-        train={"steps": 2, "global_batch_size": 4, "micro_batch_size": 2, "warmup_steps": 1},
-        checkpoint={"save_every": 0})
-    hcx("sft", str(recipe))
-    return tmp / "run" / "checkpoints"
-
-
 def reward_recipe(tmp_path: Path, init_from: Path) -> Path:
     """4 steps of 4 pairs; the validation pass covers exactly the 4 held-out pairs."""
     path = small_recipe(
