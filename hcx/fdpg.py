@@ -564,6 +564,17 @@ def exact_divergence(pi_probs: Tensor, p_probs: Tensor,
     return terms.sum(dim=-1)
 
 
+def kl_estimate(policy_logps: Tensor, proposal_logps: Tensor, base_logps: Tensor, *,
+                max_log_weight: float = 20.0) -> Tensor:
+    """KL(pi || a) from samples of the proposal q: the self-normalised importance-sampling
+    estimate sum_i w_i (log pi(x_i) - log a(x_i)) / sum_i w_i, with w = pi/q (log w clamped
+    above at ``max_log_weight``, as elsewhere). Detached; a 0-dim tensor."""
+    policy_logps = _f32(policy_logps.detach())
+    weights = torch.softmax((policy_logps - _f32(proposal_logps.detach())).clamp(
+        max=max_log_weight), dim=0)
+    return (weights * (policy_logps - _f32(base_logps.detach()))).sum()
+
+
 def distinct_n(sequences: Sequence[Sequence[int]], n: int) -> float:
     """Distinct-n (Li et al. 2016): the number of distinct n-grams divided by the total
     number of n-grams, over all sequences together (a sequence shorter than n has none).

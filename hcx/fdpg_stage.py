@@ -236,10 +236,7 @@ class FDPGTask:
             self._divergences.append((float(metrics["fdpg/divergence"]), float(q_div)))
             self.baseline.update(dp_mean(metrics["fdpg/weighted_pseudo_reward"].double(),
                                          self.engine.topo))
-            # KL(pi || a) on the proposal's samples, self-normalised importance weights
-            w = torch.exp((logps.detach() - proposal).clamp(max=20.0))
-            base = batch["base_logps"].to(dev)
-            metrics["kl"] = (w * (logps.detach() - base)).sum() / w.sum()
+            metrics["kl"] = F.kl_estimate(logps, proposal, batch["base_logps"].to(dev))
             scores = batch["scores"].to(dev)
             name = "fdpg/constraint" if self.cfg.target == "constraint" else "fdpg/reward"
             metrics[name] = scores.mean()

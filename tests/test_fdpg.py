@@ -365,6 +365,19 @@ def test_should_update_proposal():
     assert not should_update_proposal(math.nan, 0.2)
 
 
+def test_kl_estimate_is_self_normalised_importance_sampling():
+    from hcx.fdpg import kl_estimate
+
+    # samples x1, x2 of q; pi/q = 2 and 1/2 -> normalised weights 0.8 and 0.2
+    policy = torch.tensor([math.log(0.5), math.log(0.25)])
+    proposal = torch.tensor([math.log(0.25), math.log(0.5)])
+    base = torch.tensor([math.log(0.25), math.log(0.25)])
+    # 0.8 * log(0.5 / 0.25) + 0.2 * log(0.25 / 0.25)
+    assert kl_estimate(policy, proposal, base).item() == pytest.approx(0.8 * math.log(2))
+    # samples of the policy itself (q = pi): the plain Monte Carlo mean
+    assert kl_estimate(policy, policy, base).item() == pytest.approx(0.5 * math.log(2))
+
+
 def test_distinct_n_and_constraint_satisfaction():
     seqs = [[1, 2, 3, 1, 2], [1, 2]]
     assert distinct_n(seqs, 1) == 3 / 7  # tokens 1, 2, 3 among 7
