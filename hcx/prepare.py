@@ -27,7 +27,7 @@ import zlib
 from collections import Counter, defaultdict, deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -411,9 +411,11 @@ def _remove(prefix: Path) -> None:
 
 
 def prepare_source(recipe: Recipe, index: int, out_dir: Path, cross: CrossDocumentFilter,
-                   process, progress: bool, dtype) -> SourceStats:
+                   process, progress: bool, dtype,
+                   check_stop: Callable[[], None] = lambda: None) -> SourceStats:
     """Stream one source through the workers (``process``) and the cross-document
-    filter into ``<out_dir>/<name>.bin/.idx``."""
+    filter into ``<out_dir>/<name>.bin/.idx``. ``check_stop`` raises when the run must
+    stop (called between chunks and before the files are put in place)."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
     from tqdm import tqdm
 
@@ -428,6 +430,7 @@ def prepare_source(recipe: Recipe, index: int, out_dir: Path, cross: CrossDocume
         builder = IndexedDatasetBuilder(str(tmp) + ".bin", dtype=dtype)
         results = process(index, chunked(source_records(source)))
         for result in results:
+            check_stop()
             bar.update(result.bytes_in)
             if result.bad is not None:
                 raise PrepareError(f"data source {source.name!r}: {result.bad} (use "
@@ -451,6 +454,7 @@ def prepare_source(recipe: Recipe, index: int, out_dir: Path, cross: CrossDocume
         if stats.documents == 0:
             raise PrepareError(f"data source {source.name!r}: no documents left after "
                                f"{stats.records} records (removed: {dict(stats.removed)})")
+        check_stop()
         builder.finalize(str(tmp) + ".idx")
         # .bin before .idx: whoever sees the final .idx also sees its complete .bin.
         _remove(final)
@@ -618,7 +622,7 @@ def run(recipe: Recipe, progress: bool = True, log=print) -> dict:
         index_path, benchmarks = build_ngram_index(recipe, recipe.data_cache_dir / "decontam", log)
     cross = CrossDocumentFilter(cfg, benchmarks)
     all_stats = []
-    with _terminate_as_interrupt():
+    with _terminate_as_interrupt() as signals:
         process, stop_workers = start_workers(recipe, index_path)
         try:
             for index, source in enumerate(recipe.data.sources):
@@ -626,7 +630,7 @@ def run(recipe: Recipe, progress: bool = True, log=print) -> dict:
                     continue
                 try:
                     stats = prepare_source(recipe, index, out, cross, process, progress,
-                                       token_dtype(tokenizer.vocab_size))
+                                           token_dtype(tokenizer.vocab_size), signals.check)
                 except BrokenProcessPool:
                     raise PrepareError(f"data source {source.name!r}: a worker process died "
                                        "(killed, or out of memory?); nothing was marked "
@@ -636,6 +640,7 @@ def run(recipe: Recipe, progress: bool = True, log=print) -> dict:
                     f"{stats.bytes_in / 1e6 / stats.seconds:.1f} MB/s)"
                     + (f"; removed {dict(stats.removed)}" if stats.removed else ""))
                 all_stats.append(stats)
+            signals.check()
         finally:
             stop_workers()
     report = {
@@ -656,17 +661,28 @@ def run(recipe: Recipe, progress: bool = True, log=print) -> dict:
 
 
 class _terminate_as_interrupt:
-    """SIGTERM (a cluster's or a user's kill) unwinds the stack like Ctrl-C, so that
-    temporary files are removed and no manifest is written (exit 143)."""
+    """SIGTERM (a cluster's or a user's kill) stops the run at the next chunk: the stack
+    unwinds so that temporary files are removed and no manifest is written (exit 143).
+
+    The handler only records the signal and :meth:`check` raises. Raising from the handler
+    itself is not safe: a signal that lands while Python runs a weakref callback or a
+    ``__del__`` (e.g. importlib's module-lock cleanup) has its exception printed as
+    "Exception ignored" and dropped, and the run would go on to finish."""
 
     def __enter__(self):
         self.previous = signal.getsignal(signal.SIGTERM)
+        self.signum = 0
 
         def handler(signum, frame):
-            raise Stopped(f"stopped by signal {signum}: partial files removed, nothing "
-                          "marked prepared; run again to prepare", signum)
+            self.signum = signum
 
         signal.signal(signal.SIGTERM, handler)
+        return self
+
+    def check(self) -> None:
+        if self.signum:
+            raise Stopped(f"stopped by signal {self.signum}: partial files removed, nothing "
+                          "marked prepared; run again to prepare", self.signum)
 
     def __exit__(self, *exc):
         signal.signal(signal.SIGTERM, self.previous)
