@@ -31,7 +31,7 @@ bench: $(STAMP)
 	$(PY) bench/generate_throughput.py recipes/tiny.yaml
 	$(PY) bench/eval_throughput.py recipes/tiny.yaml
 
-# Headless Chromium and a Hangul font for tests/test_eval_report.py (renders report.html);
+# Headless Chromium and a Hangul font for tests/evaluation/test_report.py (renders report.html);
 # installed quietly when missing, as root or with passwordless sudo; otherwise that test skips.
 chromium:
 	@if ! command -v chromium >/dev/null 2>&1 || ! fc-list :lang=ko 2>/dev/null | grep -q .; then \

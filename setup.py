@@ -1,6 +1,6 @@
 """Build hook (all metadata is in pyproject.toml): hcx's wheels, editable or not, put
 ``hcx-lm-eval.pth`` into site-packages, which makes ``lm_eval --model hcx`` work from
-lm-evaluation-harness's own command line (see hcx/lm_eval_plugin.py: lm-eval 0.4 has no
+lm-evaluation-harness's own command line (see hcx/evaluation/lm_eval/plugin.py: lm-eval 0.4 has no
 plugin mechanism for models). The file is in the wheel's RECORD, so ``pip uninstall``
 removes it.
 """
@@ -14,14 +14,14 @@ from setuptools.command.build_py import build_py
 
 PTH_NAME = "hcx-lm-eval.pth"
 def _pth_line() -> str:
-    """hcx.lm_eval_plugin.PTH_LINE, read from the source (the build must not import hcx,
+    """hcx.evaluation.lm_eval.plugin.PTH_LINE, read from the source (the build must not import hcx,
     whose dependencies may not be installed yet): an import hook defined inline, so that
     Python's start-up imports nothing for it."""
-    source = Path(__file__).with_name("hcx").joinpath("lm_eval_plugin.py").read_text("utf-8")
+    source = Path(__file__).with_name("hcx").joinpath("evaluation", "lm_eval", "plugin.py").read_text("utf-8")
     for node in ast.parse(source).body:
         if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "PTH_LINE" for t in node.targets):
             return ast.literal_eval(node.value)
-    raise RuntimeError("hcx/lm_eval_plugin.py defines no PTH_LINE")
+    raise RuntimeError("hcx/evaluation/lm_eval/plugin.py defines no PTH_LINE")
 
 
 PTH_LINE = _pth_line()

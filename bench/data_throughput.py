@@ -18,7 +18,7 @@ SentencePiece ``tokenizer.model`` and its identical Hugging Face ``tokenizer.jso
 * Hugging Face ``tokenizers`` ``encode_batch(texts, add_special_tokens=False)`` over
   1 MB batches, in a fresh subprocess: once with its default Rayon thread pool (all
   cores) and once with ``RAYON_NUM_THREADS=1`` (one thread, the per-core comparison).
-* ``hcx.prepare.run`` (what ``hcx data prepare`` calls) with ``data.prepare.workers``
+* ``hcx.data.prepare.run`` (what ``hcx data prepare`` calls) with ``data.prepare.workers``
   1 and 2, from a recipe that inherits ``recipes/tiny.yaml`` with these sources and no
   decontamination, in two configurations:
   ``full`` (NFC/control characters, filters, PII masking, exact + MinHash dedup,
@@ -236,7 +236,7 @@ def prepare_recipe(sources: list[Source], workers: int, config: str, out: Path,
 
 
 def bench_prepare(sources: list[Source], tmp: Path, repeat: int, one_source: bool) -> list[dict]:
-    from hcx.prepare import run
+    from hcx.data.prepare import run
 
     # Warm-up, untimed: one small single-process run pays the parent's one-off imports
     # (megatron's IndexedDatasetBuilder alone takes seconds) and lazy tables, which

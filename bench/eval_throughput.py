@@ -96,7 +96,7 @@ def native_runner(model, task_names: list[str], limit: int, out: Path):
 def lm_eval_runner(lm, task_names: list[str], limit: int, out: Path):
     from lm_eval.tasks import TaskManager
 
-    from hcx.evaluation.lm_eval_backend import _evaluate, prepare, resolve
+    from hcx.evaluation.lm_eval.backend import _evaluate, prepare, resolve
 
     selected = {t.name: t for t in resolve(task_names)}
     include = quiet(prepare, list(selected.values()), out / "lm_eval")
@@ -116,11 +116,11 @@ IMPLS = (NATIVE_HCX, NATIVE_HF, LMEVAL_HF, LMEVAL_HCX)
 def worker(impl: str, ckpt: str | None, hf_dir: str, tasks: list[str], limit: int, batch: int,
            work: Path) -> None:
     """One implementation, in its own process (hcx's CPU shim for megatron,
-    hcx.cpu_compat, a torch function mode, is active only in the processes that open an
+    hcx.engine.cpu_compat, a torch function mode, is active only in the processes that open an
     hcx checkpoint, so it never slows the Hugging Face rows). Prints "ready", then
     answers each task name read from stdin with one timed run (a JSON line); a task's
     first request also runs a 4-example warm-up."""
-    from hcx.evaluation.lm_eval_backend import TASKS, make_lm
+    from hcx.evaluation.lm_eval.backend import TASKS, make_lm
     from hcx.evaluation.models import Budget, open_model
 
     model = None
@@ -156,7 +156,7 @@ def bench_model(arg: str, tasks: list[str], limit: int, batch: int, repeats: int
     """Every implementation in a worker process of its own, all started first; then
     each repeat runs each task on each implementation in turn (interleaved, so that a
     busy moment of the machine does not land on one implementation only)."""
-    from hcx.interop import export_hf
+    from hcx.interop.hf import export_hf
 
     ckpt, hf_dir = resolve_model(arg)
     if ckpt is not None:

@@ -47,7 +47,7 @@ def timed(fn, repeats: int):
 def hf_model(engine, recipe, tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from hcx.interop import hf_config, megatron_to_hf
+    from hcx.interop.hf import hf_config, megatron_to_hf
 
     state = {k.removeprefix("module."): v for k, v in engine.model.state_dict().items()
              if isinstance(v, torch.Tensor)}
@@ -75,11 +75,11 @@ def main() -> int:
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
 
-    from hcx.generate import Generator, SamplingParams
-    from hcx.parallel import shutdown
-    from hcx.pretrain import model_vocab_size
-    from hcx.tokenization import load_tokenizer
-    from hcx.train import build_engine
+    from hcx.engine.generate import Generator, SamplingParams
+    from hcx.engine.parallel import shutdown
+    from hcx.engine.model import model_vocab_size
+    from hcx.tokenizer.loading import load_tokenizer
+    from hcx.engine.loop import build_engine
 
     recipe = load_recipe(args.recipe, [*args.overrides, "parallel.tp=1", "parallel.pp=1",
                                        "parallel.dp=1", "parallel.sequence_parallel=false",

@@ -7,7 +7,7 @@ transformers' LlamaForCausalLM with the same layers, widths, GQA, vocabulary,
 RoPE base, tying), on the same random token batches of the recipe's global batch
 and sequence length, with AdamW and the same precision (fp32 on CPU; bf16 on GPU:
 megatron's bf16 params with fp32 main weights vs. torch autocast for HF). Reports
-tokens/s, TFLOP/s per device and MFU (model FLOPs, hcx.metrics) and the ratio.
+tokens/s, TFLOP/s per device and MFU (model FLOPs, hcx.engine.metrics) and the ratio.
 Single process: run it on one device.
 """
 
@@ -26,10 +26,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hcx import metrics as M  # noqa: E402
+from hcx.engine import metrics as M  # noqa: E402
 from hcx.cli import quiet_known_warnings  # noqa: E402
 from hcx.config import load_recipe  # noqa: E402
-from hcx.model import padded_vocab_size  # noqa: E402
+from hcx.engine.model import padded_vocab_size  # noqa: E402
 
 
 def device_name() -> str:
@@ -54,6 +54,7 @@ class SyntheticTask:
 
     def __init__(self, engine, batches):
         self.engine, self.batches = engine, batches
+        self.rows_per_microbatch = engine.recipe.train.micro_batch_size
 
     def microbatches(self, step):
         r = self.engine.recipe
@@ -65,14 +66,14 @@ class SyntheticTask:
                 for i in range(0, tokens.shape[0], mb)]
 
     def forward_step(self, model, batch):
-        from hcx.train import PretrainTask
+        from hcx.stages.pretrain import PretrainTask
 
         return PretrainTask.forward_step(self, model, batch)
 
 
 def bench_hcx(recipe, vocab, batches, steps, warmup) -> list[float]:
-    from hcx.parallel import shutdown
-    from hcx.train import build_engine, run_step
+    from hcx.engine.parallel import shutdown
+    from hcx.engine.loop import build_engine, run_step
 
     engine = build_engine(recipe, vocab)
     task = SyntheticTask(engine, batches)
@@ -155,9 +156,9 @@ def main() -> int:
 
     recipe = load_recipe(args.recipe, [*args.overrides, "parallel.tp=1", "parallel.pp=1",
                                        "parallel.dp=1", "logging.progress=false"])
-    from hcx.model import compute_dtype
-    from hcx.pretrain import model_vocab_size
-    from hcx.tokenization import load_tokenizer
+    from hcx.engine.model import compute_dtype
+    from hcx.engine.model import model_vocab_size
+    from hcx.tokenizer.loading import load_tokenizer
 
     vocab = model_vocab_size(recipe, load_tokenizer(recipe.data.tokenizer).vocab_size)
     padded = padded_vocab_size(vocab, 1)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from hcx.errors import HcxError
 
@@ -26,11 +26,13 @@ class RecipeError(HcxError, ValueError):
     """A recipe that cannot run. The message names the key and its origin."""
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
+    """A config section: unknown keys are errors (a typo never passes silently)."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class ModelConfig(_Strict):
+class ModelConfig(Strict):
     """Llama-style decoder (the HyperCLOVA X architecture family)."""
 
     num_layers: int = Field(gt=0)
@@ -51,7 +53,7 @@ class ModelConfig(_Strict):
         return self.num_query_groups or self.num_attention_heads
 
 
-class ParallelConfig(_Strict):
+class ParallelConfig(Strict):
     tp: int = Field(default=1, gt=0, description="tensor-parallel size")
     pp: int = Field(default=1, gt=0, description="pipeline-parallel size")
     dp: int = Field(default=1, gt=0, description="data-parallel size")
@@ -68,7 +70,7 @@ class ParallelConfig(_Strict):
         return self.tp * self.pp * self.dp
 
 
-class TokenizerConfig(_Strict):
+class TokenizerConfig(Strict):
     """Where token ids come from. ``bytes`` is UTF-8 bytes plus specials (no file needed);
     ``path`` is a SentencePiece ``.model`` or a Hugging Face tokenizer directory."""
 
@@ -82,7 +84,7 @@ class TokenizerConfig(_Strict):
         return self
 
 
-class DataSource(_Strict):
+class DataSource(Strict):
     """One pretraining source: a megatron indexed dataset built elsewhere (``prefix``,
     the ``.bin/.idx`` pair without extension) or raw documents (``path``) that
     ``hcx data prepare`` cleans and tokenizes (``hcx pretrain`` runs it when needed).
@@ -121,8 +123,8 @@ class DataSource(_Strict):
         return self.language == "code" if self.fim is None else self.fim
 
 
-class FilterSettings(_Strict):
-    """Document filters (see hcx.corpus.clean.FilterConfig for the measures)."""
+class FilterSettings(Strict):
+    """Document filters (see hcx.data.corpus.clean.FilterConfig for the measures)."""
 
     min_chars: int = Field(default=20, ge=0)
     max_chars: int = Field(default=1_000_000, gt=0)
@@ -131,7 +133,7 @@ class FilterSettings(_Strict):
     min_language_fraction: float = Field(default=0.5, ge=0, le=1)
 
 
-class DedupSettings(_Strict):
+class DedupSettings(Strict):
     exact: bool = True
     near: bool = Field(default=True, description="MinHash LSH near-duplicates")
     threshold: float = Field(default=0.8, gt=0, lt=1, description="estimated Jaccard of "
@@ -140,7 +142,7 @@ class DedupSettings(_Strict):
     ngram: int = Field(default=5, gt=0)
 
 
-class DecontamSettings(_Strict):
+class DecontamSettings(Strict):
     eval_dir: str = Field(default="data://eval", description="one folder per benchmark of "
                           "JSONL files; every string field of every record is indexed")
     benchmarks: list[str] = Field(default_factory=list, description="folder names; [] = all")
@@ -148,7 +150,7 @@ class DecontamSettings(_Strict):
     action: Literal["drop", "report"] = "drop"
 
 
-class FimSettings(_Strict):
+class FimSettings(Strict):
     rate: float = Field(default=0.5, ge=0, le=1, description="share of code documents")
     spm_rate: float = Field(default=0.5, ge=0, le=1, description="share of FIM documents in "
                             "suffix-prefix-middle order (the rest prefix-suffix-middle)")
@@ -156,7 +158,7 @@ class FimSettings(_Strict):
                                      "random points (the rest at fixed thirds, as HCX)")
 
 
-class PrepareConfig(_Strict):
+class PrepareConfig(Strict):
     """How ``hcx data prepare`` turns raw sources into indexed datasets."""
 
     output_dir: str | None = Field(default=None, description="None = <cache_dir>/prepared")
@@ -171,7 +173,7 @@ class PrepareConfig(_Strict):
     seed: int = 1234
 
 
-class DataConfig(_Strict):
+class DataConfig(Strict):
     sources: list[DataSource] = Field(min_length=1)
     tokenizer: TokenizerConfig = TokenizerConfig()
     seq_length: int = Field(gt=0)
@@ -182,7 +184,7 @@ class DataConfig(_Strict):
     eval_batches: int = Field(default=2, gt=0)
 
 
-class TrainConfig(_Strict):
+class TrainConfig(Strict):
     steps: int = Field(gt=0)
     global_batch_size: int = Field(gt=0)
     micro_batch_size: int = Field(default=1, gt=0)
@@ -203,7 +205,7 @@ class TrainConfig(_Strict):
     recompute: bool = Field(default=False, description="full activation recomputation")
 
 
-class CheckpointConfig(_Strict):
+class CheckpointConfig(Strict):
     dir: str | None = Field(default=None, description="None = <output_dir>/checkpoints")
     save_every: int = Field(default=0, ge=0, description="0 = only at the end")
     keep_last: int = Field(default=2, gt=0)
@@ -214,7 +216,7 @@ class CheckpointConfig(_Strict):
     )
 
 
-class LoggingConfig(_Strict):
+class LoggingConfig(Strict):
     peak_tflops: float | None = Field(
         default=None, gt=0, description="per-device peak for MFU; None = known GPU table or off"
     )
@@ -223,7 +225,7 @@ class LoggingConfig(_Strict):
     log_every: int = Field(default=10, gt=0, description="console line every N steps")
 
 
-class SFTConfig(_Strict):
+class SFTConfig(Strict):
     """Supervised fine-tuning (``hcx sft``): ``data.sources`` are chat conversations."""
 
     messages_field: str = Field(default="messages", description="the field holding the "
@@ -234,7 +236,7 @@ class SFTConfig(_Strict):
     skip_bad: bool = Field(default=False, description="count bad records instead of stopping")
 
 
-class FDPGConfig(_Strict):
+class FDPGConfig(Strict):
     """f-DPG (``align.method: fdpg``): approximate the target EBM
     p(x) ∝ a(x)·b(x) (``constraint``) or a(x)·exp(r(x)/beta) (``reward``) on-policy."""
 
@@ -256,7 +258,7 @@ class FDPGConfig(_Strict):
                        "and add the generation prompt")
 
 
-class AlignConfig(_Strict):
+class AlignConfig(Strict):
     """Preference alignment (``hcx align``): the method and its options."""
 
     method: Literal["dpo", "ipo", "kto", "bco", "orpo", "reward", "fdpg"] = "dpo"
@@ -287,7 +289,13 @@ class AlignConfig(_Strict):
     fdpg: FDPGConfig | None = None
 
 
-class Recipe(_Strict):
+STAGE_SECTIONS = ("sft", "align")  # sections read by one stage only
+
+
+class Recipe(Strict):
+    """A training run. ``sft`` and ``align`` belong to their stages: a stage's resolved
+    recipe (:meth:`for_stage`) holds its own section and neither of the others."""
+
     name: str
     output_dir: str = Field(description="run directory: metrics, TensorBoard, checkpoints")
     model: ModelConfig
@@ -296,8 +304,12 @@ class Recipe(_Strict):
     train: TrainConfig
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
-    sft: SFTConfig = SFTConfig()
-    align: AlignConfig = AlignConfig()
+    sft: SFTConfig | None = None
+    align: AlignConfig | None = None
+
+    # Where each dotted key was set (file:line or an override), for messages.
+    _origins: dict[str, str] = PrivateAttr(default_factory=dict)
+    _source: str = PrivateAttr(default="recipe")
 
     @property
     def num_microbatches(self) -> int:
@@ -311,15 +323,32 @@ class Recipe(_Strict):
     def data_cache_dir(self) -> Path:
         return Path(self.data.cache_dir or Path(self.output_dir) / "data_cache")
 
+    def where(self, key: str) -> str:
+        """``file:line`` (or the override) that set ``key`` or its nearest parent."""
+        return origin_of(key, self._origins, self._source)
+
+    def for_stage(self, section: str | None) -> "Recipe":
+        """This recipe as stage ``section`` reads it: that section present (defaults
+        when the file has none), the other stages' sections dropped (a DPO recipe may
+        inherit its SFT recipe's ``sft:`` through ``base:``)."""
+        update: dict[str, Any] = {s: None for s in STAGE_SECTIONS if s != section}
+        if section in STAGE_SECTIONS and getattr(self, section) is None:
+            update[section] = Recipe.model_fields[section].annotation.__args__[0]()
+        return self.model_copy(update=update)
+
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        out = self.model_dump(mode="json")
+        for section in STAGE_SECTIONS:
+            if out.get(section) is None:
+                out.pop(section, None)
+        return out
 
 
 # --- cross-field rules ------------------------------------------------------------
 # Each failed rule yields (key to blame, message); the key's origin is shown with it.
 
 
-def _combination_errors(r: Recipe) -> list[tuple[str, str]]:
+def layout_errors(r: Recipe) -> list[tuple[str, str]]:
     m, p, t = r.model, r.parallel, r.train
     errors: list[tuple[str, str]] = []
 
@@ -327,15 +356,6 @@ def _combination_errors(r: Recipe) -> list[tuple[str, str]]:
         if not ok:
             errors.append((key, msg))
 
-    a = r.align
-    check(a.method != "fdpg" or a.fdpg is not None, "align.fdpg",
-          "align.method=fdpg needs align.fdpg (at least align.fdpg.scorer)")
-    check(a.method != "fdpg" or p.pp == 1, "parallel.pp",
-          "align.method=fdpg samples through the generation engine, which runs at "
-          "pipeline size 1: set parallel.pp=1 (use parallel.tp to split the model)")
-    check(not (a.method == "reward" and m.tie_embeddings and p.pp > 1), "parallel.pp",
-          "align.method=reward with model.tie_embeddings=true needs parallel.pp=1 (the "
-          "reward head replaces the output layer the last stage would share)")
     check(m.num_attention_heads % p.tp == 0, "parallel.tp",
           f"model.num_attention_heads={m.num_attention_heads} is not divisible by parallel.tp={p.tp}")
     check(m.num_attention_heads % m.query_groups == 0, "model.num_query_groups",
@@ -497,7 +517,7 @@ def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     return list(getattr(cur, "model_fields", {}))
 
 
-def _origin_of(key: str, origins: dict[str, str], default: str) -> str:
+def origin_of(key: str, origins: dict[str, str], default: str) -> str:
     parts = key.split(".")
     while parts:
         k = ".".join(parts)
@@ -534,7 +554,7 @@ def validate_config(data: dict, model: type[M], origins: dict[str, str], default
         for err in e.errors():
             loc = tuple(p for p in err["loc"])
             key = ".".join(str(p) for p in loc) or "<root>"
-            where = _origin_of(key, origins, default)
+            where = origin_of(key, origins, default)
             msg = err["msg"]
             if err["type"] == "extra_forbidden":
                 known = _known_keys(model, loc)
@@ -550,23 +570,30 @@ def validate_config(data: dict, model: type[M], origins: dict[str, str], default
         raise RecipeError(f"invalid {what}:\n  " + "\n  ".join(lines)) from None
 
 
-def _refuse_impossible(recipe: Recipe, origins: dict[str, str], default: str) -> None:
-    problems = _combination_errors(recipe)
+def refuse(recipe: Recipe, problems: list[tuple[str, str]]) -> None:
+    """Raise one RecipeError listing every ``(key, message)`` problem, each at the
+    ``file:line`` that set its key."""
     if problems:
-        lines = [f"{_origin_of(key, origins, default)}: {key}: {msg}" for key, msg in problems]
+        lines = [f"{recipe.where(key)}: {key}: {msg}" for key, msg in problems]
         raise RecipeError("impossible recipe:\n  " + "\n  ".join(lines))
+
+
+def _with_origins(recipe: Recipe, origins: dict[str, str], default: str) -> Recipe:
+    recipe._origins, recipe._source = dict(origins), default
+    return recipe
 
 
 def validate_recipe(data: dict, origins: dict[str, str], default: str) -> Recipe:
     """A recipe built in code (``hcx import`` writes one), checked exactly as
     :func:`load_recipe` checks files, errors naming ``origins`` (e.g. a command-line flag)."""
-    recipe = validate_config(data, Recipe, origins, default)
-    _refuse_impossible(recipe, origins, default)
+    recipe = _with_origins(validate_config(data, Recipe, origins, default), origins, default)
+    refuse(recipe, layout_errors(recipe))
     return recipe
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Load, merge, override and validate a training recipe. Raises RecipeError."""
     recipe, origins = load_config(path, Recipe, overrides)
-    _refuse_impossible(recipe, origins, str(path))
+    recipe = _with_origins(recipe, origins, str(path))
+    refuse(recipe, layout_errors(recipe))
     return recipe

@@ -7,7 +7,7 @@ class HcxError(Exception):
     """Base of every error hcx reports to users as a message."""
 
 
-class LaunchError(HcxError, RuntimeError):
+class MachineError(HcxError, RuntimeError):
     """The processes or the machine do not match the recipe (world size, Transformer Engine)."""
 
 

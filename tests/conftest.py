@@ -33,8 +33,8 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def prepared_prefix(tmp_path_factory, shared_data) -> Path:
     """A megatron indexed dataset built directly from real Korean text (bytes tokenizer)."""
-    from hcx.data import read_texts, write_indexed_dataset
-    from hcx.tokenization import ByteTokenizer
+    from hcx.data.indexed import read_texts, write_indexed_dataset
+    from hcx.tokenizer.loading import ByteTokenizer
 
     tok = ByteTokenizer()
     prefix = tmp_path_factory.mktemp("prepared") / "ko_kolaw"

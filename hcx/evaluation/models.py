@@ -319,7 +319,7 @@ class HFModel(LanguageModel):
 
     @torch.no_grad()
     def _score(self, requests: list[ChoiceRequest]) -> list[list[Score]]:
-        from hcx.generate import left_pad
+        from hcx.engine.generate import left_pad
 
         ctx, ctx_real = left_pad([r.context for r in requests], self._pad)
         ctx_pos = (ctx_real.long().cumsum(1) - 1).clamp(min=0)
@@ -346,7 +346,7 @@ class HFModel(LanguageModel):
     @torch.no_grad()
     def _generate(self, prompts: list[list[int]], max_new_tokens: int,
                   stops: tuple[str, ...]) -> list[str]:
-        from hcx.generate import left_pad
+        from hcx.engine.generate import left_pad
 
         tokens, real = left_pad(prompts, self._pad)
         kwargs = {"stop_strings": list(stops), "tokenizer": self.tokenizer} if stops else {}
@@ -371,11 +371,11 @@ class HcxModel(LanguageModel):
     kind = "hcx"
 
     def __init__(self, checkpoint: str, tp: int = 1, budget: Budget | None = None, log=print):
-        from hcx.inference import open_checkpoint
+        from hcx.engine.inference import open_checkpoint
 
         self.engine, self.tokenizer = open_checkpoint(Path(checkpoint), tp=tp, log=log)
         self.path = str(Path(checkpoint).resolve())
-        self.name = _checkpoint_name(Path(checkpoint))
+        self.name = checkpoint_name(Path(checkpoint))
         self.budget = budget or Budget()
         self.max_length = self.engine.recipe.model.max_position_embeddings
         self.rank0 = self.engine.topo.rank == 0
@@ -392,13 +392,13 @@ class HcxModel(LanguageModel):
         return self.tokenizer.eod
 
     def chat_prompt(self, text: str) -> list[int]:
-        from hcx.generate import encode_prompt
+        from hcx.engine.generate import encode_prompt
 
         return encode_prompt(text, self.tokenizer, chat=True)
 
     def _forward(self, tokens: torch.Tensor, mask, context, all_positions: bool) -> torch.Tensor:
         """Float32 logits [batch, positions, vocab] (vocabulary padding cut)."""
-        from hcx.parallel import device
+        from hcx.engine.parallel import device
 
         dev = device()
         context.materialize_only_last_token_logits = not all_positions
@@ -411,7 +411,7 @@ class HcxModel(LanguageModel):
     def _score(self, requests: list[ChoiceRequest]) -> list[list[Score]]:
         from megatron.core.inference.contexts import StaticInferenceContext
 
-        from hcx.generate import left_pad, padding_mask
+        from hcx.engine.generate import left_pad, padding_mask
 
         pad = self.tokenizer.pad
         ctx, ctx_real = left_pad([r.context for r in requests], pad)
@@ -440,7 +440,7 @@ class HcxModel(LanguageModel):
 
     def _generate(self, prompts: list[list[int]], max_new_tokens: int,
                   stops: tuple[str, ...]) -> list[str]:
-        from hcx.generate import Generator, SamplingParams, chat_stop_ids
+        from hcx.engine.generate import Generator, SamplingParams, chat_stop_ids
 
         try:
             stop_ids = chat_stop_ids(self.tokenizer)
@@ -451,12 +451,12 @@ class HcxModel(LanguageModel):
         return [g.text for g in Generator(self.engine, self.tokenizer).generate(prompts, params)]
 
     def close(self) -> None:
-        from hcx.parallel import shutdown
+        from hcx.engine.parallel import shutdown
 
         shutdown()
 
 
-def _checkpoint_name(path: Path) -> str:
+def checkpoint_name(path: Path) -> str:
     """``runs/tiny-sft/checkpoints`` -> ``tiny-sft``."""
     parts = [p for p in path.resolve().parts
              if p not in ("checkpoints", "latest") and not p.startswith("step_")]

@@ -26,7 +26,7 @@ HCX_VERSION = "0.1.0"
 
 def _step(model: LanguageModel) -> int | None:
     """The training step of an hcx checkpoint (a checkpoints folder means its latest)."""
-    from hcx.checkpoint import META, checkpoint_path
+    from hcx.engine.checkpoint import META, checkpoint_path
 
     if model.kind != "hcx":
         return None

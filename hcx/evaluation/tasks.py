@@ -25,7 +25,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, model_validator
 
-from hcx.config import RecipeError, _Strict, load_config
+from hcx.config import RecipeError, Strict, load_config
 from hcx.errors import HcxError
 from hcx.paths import PROJECT_ROOT, data_root
 
@@ -53,7 +53,7 @@ class TaskError(HcxError, ValueError):
 # --- the schema ----------------------------------------------------------------------
 
 
-class DatasetSpec(_Strict):
+class DatasetSpec(Strict):
     files: list[str] | str | None = Field(
         default=None, description="JSON Lines files, relative to the data root (or absolute)")
     hub: str | None = Field(default=None, description="Hugging Face Hub dataset id")
@@ -68,7 +68,7 @@ class DatasetSpec(_Strict):
         return self
 
 
-class FewShotSpec(_Strict):
+class FewShotSpec(Strict):
     n: int = Field(default=0, ge=0)
     dataset: DatasetSpec | None = Field(
         default=None, description="where examples come from (default: the task's own docs, "
@@ -81,30 +81,30 @@ class FewShotSpec(_Strict):
                                                           "text (default: the target choice)")
 
 
-class GenerationSpec(_Strict):
+class GenerationSpec(Strict):
     max_new_tokens: int = Field(default=256, gt=0)
     stop: list[str] = Field(default_factory=list)
 
 
-class BiasSpec(_Strict):
+class BiasSpec(Strict):
     condition: str = Field(description="expression: 'ambig' or 'disambig'")
     biased: str = Field(description="expression: index of the stereotype-consistent answer")
     unknown: str = Field(description="expression: index of the 'cannot be determined' answer")
 
 
-class CodeSpec(_Strict):
+class CodeSpec(Strict):
     program: str = Field(description="template of the program run; `completion` is the "
                                      "model's text")
     timeout_s: float = Field(default=10.0, gt=0)
     memory_mb: int = Field(default=1024, gt=0)
 
 
-class IFEvalSpec(_Strict):
+class IFEvalSpec(Strict):
     instructions: str = "instruction_id_list"
     kwargs: str = "kwargs"
 
 
-class TaskSpec(_Strict):
+class TaskSpec(Strict):
     name: str
     description: str = ""
     language: Literal["ko", "en", "ko-en", "en-ko"]

@@ -11,9 +11,9 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from hcx import parallel
-from hcx.generate import Generator, SamplingParams
-from hcx.inference import open_checkpoint
+from hcx.engine import parallel
+from hcx.engine.generate import Generator, SamplingParams
+from hcx.engine.inference import open_checkpoint
 
 if __name__ == "__main__":
     ckpt, out, prompts_file = sys.argv[1:4]

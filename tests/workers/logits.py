@@ -8,11 +8,13 @@ from pathlib import Path
 
 import torch
 
-from hcx import checkpoint, inference, parallel
+from hcx.engine import checkpoint
+from hcx.engine import inference
+from hcx.engine import parallel
 from hcx.config import load_recipe
-from hcx.pretrain import model_vocab_size
-from hcx.tokenization import load_tokenizer
-from hcx.train import build_engine
+from hcx.engine.model import model_vocab_size
+from hcx.tokenizer.loading import load_tokenizer
+from hcx.engine.loop import build_engine
 
 if __name__ == "__main__":
     recipe_path, ckpt_path, out = sys.argv[1:4]

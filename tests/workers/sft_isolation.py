@@ -7,10 +7,11 @@ import sys
 
 import torch
 
-from hcx import parallel, sft
+from hcx.engine import parallel
+from hcx.stages import sft
 from hcx.config import load_recipe
-from hcx.tokenization import load_tokenizer
-from hcx.train import build_engine
+from hcx.tokenizer.loading import load_tokenizer
+from hcx.engine.loop import build_engine
 
 if __name__ == "__main__":
     recipe = load_recipe(sys.argv[1])

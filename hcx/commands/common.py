@@ -1,0 +1,51 @@
+"""What the command modules share: the overrides argument, logging to stderr, and
+starting the processes a command needs on this machine."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+OVERRIDES_HELP = ("recipe overrides as dotted KEY=VALUE, e.g. train.lr=3e-4 parallel.tp=2 "
+                  "(values are parsed as YAML)")
+
+
+def log(msg: str) -> None:
+    """Progress and notes go to stderr; stdout holds the command's result."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def under_torchrun() -> bool:
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def needs_relaunch(nproc: int) -> bool:
+    """More than one process is needed and this one was not started by torchrun."""
+    return nproc > 1 and not under_torchrun()
+
+
+def relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
+    """Start ``nproc`` local processes running this same command (single node).
+    For clusters use ``hcx launch`` or your own torchrun/srun line."""
+    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [torchrun, "--standalone", f"--nproc-per-node={nproc}", "-m", "hcx.cli", *argv]
+    env = dict(os.environ)
+    # Share the cores instead of torchrun's default of one thread per process.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    print(f"hcx: launching {nproc} processes: {' '.join(cmd)}", file=sys.stderr, flush=True)
+    child = subprocess.Popen(cmd, env=env)
+    received: list[int] = []
+
+    def forward(signum, frame):  # torchrun passes it on to every worker
+        received.append(signum)
+        child.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    code = child.wait()
+    # torchrun exits 1 after shutting its workers down on a signal; report the signal.
+    return 128 + received[0] if received else code
+

@@ -1,0 +1,143 @@
+"""``hcx data prepare``, ``hcx tokenize``, ``hcx tokenizer stats|train``: corpora and
+tokenizers."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from hcx.commands.common import OVERRIDES_HELP, log
+from hcx.config import load_recipe
+
+
+def cmd_data_prepare(args: argparse.Namespace, argv: list[str]) -> int:
+    from hcx.data import prepare
+
+    overrides = list(args.overrides)
+    if args.workers is not None:
+        overrides.append(f"data.prepare.workers={args.workers}")
+    if args.skip_bad:
+        overrides.append("data.prepare.skip_bad=true")
+    recipe = load_recipe(args.recipe, overrides)
+    prepare.ensure_prepared(recipe, force=args.force, progress=True, log=log)
+    out = prepare.prepared_dir(recipe)
+    print((out / "stats.md").read_text(), end="")
+    log(f"report: {out / 'stats.md'} and stats.json; 'hcx pretrain {args.recipe}' trains on it")
+    return 0
+
+
+def cmd_tokenize(args: argparse.Namespace, argv: list[str]) -> int:
+    from hcx.tokenizer.loading import TokenizerLoadError, open_tokenizer
+
+    tok = open_tokenizer(args.tokenizer)
+    stream = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")
+    with stream:
+        for lineno, line in enumerate(stream, 1):
+            line = line.rstrip("\n")
+            if args.decode:
+                try:
+                    ids = [int(x) for x in line.replace(",", " ").replace("[", " ").replace("]", " ").split()]
+                except ValueError:
+                    raise TokenizerLoadError(f"{args.input}:{lineno}: expected token ids, got {line[:60]!r}") from None
+                print(tok.decode(ids))
+            else:
+                ids = tok.encode(line)
+                print(" ".join(map(str, ids)) if not args.count else len(ids))
+    return 0
+
+
+def cmd_tokenizer_stats(args: argparse.Namespace, argv: list[str]) -> int:
+    import json
+
+    from hcx.data import tokenizer_stats
+    from hcx.tokenizer.loading import open_tokenizer
+
+    texts = [tokenizer_stats.read_labelled(spec, args.text_field, args.limit) for spec in args.text]
+    rows = []
+    for spec in args.tokenizers:
+        tok = open_tokenizer(spec)
+        print(f"{tok.name}: {tok.kind}, vocabulary {tok.vocab_size:,}", file=sys.stderr)
+        rows += [tokenizer_stats.measure(tok, label, docs) for label, docs in texts]
+    print(tokenizer_stats.markdown_table(rows))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump([r.to_dict() for r in rows], f, indent=1)
+    return 0
+
+
+def cmd_tokenizer_train(args: argparse.Namespace, argv: list[str]) -> int:
+    from hcx.data import tokenizer_train
+
+    spec = tokenizer_train.load_spec(args.spec, args.overrides)
+    out = tokenizer_train.train(spec, Path(args.spec),
+                                log=log)
+    print(out)
+    return 0
+
+
+def add_parsers(sub) -> None:
+    data = sub.add_parser("data", help="corpus preparation",
+                          description="Corpus preparation.").add_subparsers(
+        dest="data_command", required=True, metavar="COMMAND")
+    p = data.add_parser(
+        "prepare", help="raw corpora -> cleaned, deduplicated, tokenized indexed datasets",
+        description="Prepare the raw sources of a recipe (data.sources[*].path: JSONL, "
+                    "Parquet, text, directories, globs, hf://Hub IDs) for pretraining: NFC "
+                    "and control-character cleanup, length/repetition/language filters, exact "
+                    "and MinHash near-duplicate removal across sources, PII masking, "
+                    "decontamination against eval sets, fill-in-the-middle for code, "
+                    "tokenization in worker processes. Writes <source>.bin/.idx, stats.json "
+                    "and stats.md into data.prepare.output_dir (default "
+                    "<output_dir>/data_cache/prepared), where 'hcx pretrain' finds them. "
+                    "Settings: data.prepare.* in the recipe (see docs/data.md).")
+    p.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny.yaml")
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    p.add_argument("--workers", type=int, help="tokenizing processes (data.prepare.workers)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="count malformed records in the report instead of stopping at the first")
+    p.add_argument("--force", action="store_true", help="prepare even if up to date")
+    p.set_defaults(func=cmd_data_prepare)
+
+    p = sub.add_parser("tokenize", help="encode or decode text line by line",
+                       description="Encode each input line to token ids (space-separated), or "
+                                   "with --decode turn lines of ids back into text. TOKENIZER "
+                                   "is any format 'hcx tokenizer stats' reads.")
+    p.add_argument("tokenizer", metavar="TOKENIZER")
+    p.add_argument("--input", default="-", help="a text file, or - for standard input (default)")
+    p.add_argument("--decode", action="store_true", help="input lines are token ids")
+    p.add_argument("--count", action="store_true", help="print only the number of tokens per line")
+    p.set_defaults(func=cmd_tokenize)
+
+    tok = sub.add_parser("tokenizer", help="tokenizer tools",
+                         description="Tokenizer tools.").add_subparsers(dest="tokenizer_command",
+                                                                         required=True, metavar="COMMAND")
+    p = tok.add_parser(
+        "stats", help="tokens per word/char and bytes per token, side by side",
+        description="Compare tokenizers on labelled text: tokens per word (eojeol for Korean), "
+                    "tokens per non-whitespace character, UTF-8 bytes per token. Tokenizers: "
+                    "'bytes', a SentencePiece .model, a HF tokenizer.json(.xz), a directory with "
+                    "vocab.json+merges.txt or encoder.json+vocab.bpe, or a tiktoken rank file; "
+                    "prefix NAME= to name one. Prints a Markdown table.")
+    p.add_argument("tokenizers", nargs="+", metavar="TOKENIZER")
+    p.add_argument("--text", action="append", required=True, metavar="LABEL=FILE[#FIELD]",
+                   help="JSONL (field FIELD, else --text-field) or plain text; repeat per "
+                        "language, e.g. --text ko=dev.jsonl#kor_Hang --text en=dev.jsonl#eng_Latn")
+    p.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    p.add_argument("--limit", type=int, default=None, help="at most N documents per file")
+    p.add_argument("--json", help="also write the figures as JSON here")
+    p.set_defaults(func=cmd_tokenizer_stats)
+
+    p = tok.add_parser(
+        "train", help="train a bilingual SentencePiece tokenizer from a spec",
+        description="Train the SentencePiece model a spec describes (tokenizer/*.yaml): "
+                    "text sampled per language (ko/en/code) to the spec's ratios, optional "
+                    "Korean morpheme-aware merges (kiwipiepy), byte fallback, single digits, "
+                    "whitespace kept for code, hcx special tokens. Writes tokenizer.model "
+                    "and an identical Hugging Face tokenizer.json + tokenizer_config.json "
+                    "into the spec's output_dir (default: tokenizer/<name> beside the spec), "
+                    "checked to encode the same.")
+    p.add_argument("spec", help="tokenizer spec YAML, e.g. tokenizer/hcx-ko-en-32k.yaml")
+    p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    p.set_defaults(func=cmd_tokenizer_train)
+

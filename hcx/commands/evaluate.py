@@ -1,0 +1,118 @@
+"""``hcx eval`` and ``hcx report``: benchmarks on a model, and the bilingual report."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from hcx.commands.common import log, needs_relaunch, relaunch_with_torchrun
+
+
+def cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
+    from hcx.evaluation import tasks
+
+    if args.list:
+        for name in tasks.available_suites():
+            print(f"suite {name}: {', '.join(tasks.suite_members(name))}")
+        for task in tasks.resolve_tasks(tasks.available_tasks()):
+            s = task.spec
+            print(f"{s.name:20s} {s.language:6s} {s.category:13s} {s.kind:16s} {s.description}")
+        return 0
+    if not args.model:
+        raise tasks.TaskError("give a checkpoint or Hugging Face directory (or --list)")
+    names = [n.strip() for item in args.tasks or [] for n in item.split(",") if n.strip()]
+    out = Path(args.out) if args.out else default_eval_dir(args.model, args.limit, args.backend)
+    if args.backend == "lm-eval":
+        from hcx.evaluation.lm_eval.backend import run_lm_eval
+
+        run_lm_eval(args.model, names or ["kobest"], out, limit=args.limit, tp=args.tp,
+                    batch_size=args.batch_size)
+        print(out)
+        return 0
+    selected = tasks.resolve_tasks(names or ["all"])  # unknown names fail before any process starts
+    if needs_relaunch(args.tp):
+        return relaunch_with_torchrun(args.tp, argv)
+    from hcx.evaluation.models import Budget, open_model
+    from hcx.evaluation.runner import evaluate
+
+    model = open_model(args.model, tp=args.tp, dtype=args.dtype, log=log,
+                       budget=Budget(batch_size=args.batch_size, max_tokens=args.max_tokens))
+    try:
+        if model.rank0:
+            log(f"evaluating {model.path} on {len(selected)} tasks -> {out}")
+        evaluate(model, selected, out, limit=args.limit, chat=args.chat,
+                 max_new_tokens=args.max_new_tokens, log=log if model.rank0 else lambda m: None)
+    finally:
+        model.close()
+    if model.rank0:
+        print(out)
+    return 0
+
+
+def default_eval_dir(model: str, limit: int | None, backend: str) -> Path:
+    from hcx.evaluation.models import checkpoint_name
+
+    name = checkpoint_name(Path(model))
+    suffix = (f"-limit{limit}" if limit else "") + ("-lm-eval" if backend == "lm-eval" else "")
+    return Path("runs") / "eval" / f"{name}{suffix}"
+
+
+def cmd_report(args: argparse.Namespace, argv: list[str]) -> int:
+    from hcx.evaluation.report import build_report
+
+    out = Path(args.out) if args.out else Path(args.run_dirs[-1]) / "report"
+    written = build_report([Path(d) for d in args.run_dirs], out, title=args.title)
+    for path in written.values():
+        print(path)
+    return 0
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser(
+        "eval", help="run Korean/English benchmarks, safety and translation on a model",
+        description="Evaluate an hcx checkpoint (any saved TP/PP layout; --tp N runs N "
+                    "tensor-parallel processes) or a Hugging Face model directory on tasks "
+                    "defined in eval/tasks/*.yaml and suites in eval/suites/*.yaml (korean, "
+                    "english, safety, translation, all, quick). Writes a run directory: "
+                    "scores.json (metrics with standard errors) and samples/<task>.jsonl "
+                    "(every example's prompt, output and scores). Running the same command "
+                    "again keeps finished tasks. --backend lm-eval runs lm-evaluation-"
+                    "harness's own task definitions (kobest_*) on the local data instead. "
+                    "See docs/eval.md.")
+    p.add_argument("model", nargs="?", help="hcx checkpoint (e.g. runs/tiny-sft/checkpoints) "
+                                            "or Hugging Face model directory")
+    p.add_argument("--tasks", "--suite", dest="tasks", action="append", metavar="NAMES",
+                   help="comma-separated tasks and suites (repeatable; default: all, or kobest "
+                        "with --backend lm-eval)")
+    p.add_argument("--limit", type=int, help="only the first N examples of each task "
+                                             "(scores are then not comparable to published ones)")
+    p.add_argument("--out", help="run directory (default: runs/eval/<model name>[-limitN])")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel processes (hcx checkpoints)")
+    p.add_argument("--batch-size", type=int, default=16, help="questions or prompts per forward pass")
+    p.add_argument("--max-tokens", type=int, default=32768,
+                   help="at most this many cached tokens per scoring pass (each choice "
+                        "holds its context's cache and its own tokens)")
+    p.add_argument("--max-new-tokens", type=int,
+                   help="cap every generation task's max_new_tokens (for quick smoke runs)")
+    p.add_argument("--chat", action="store_true",
+                   help="render generation prompts as a user turn of the model's chat template")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights dtype for Hugging Face models (default: float32)")
+    p.add_argument("--backend", choices=["hcx", "lm-eval"], default="hcx",
+                   help="hcx (default): the tasks in eval/tasks; lm-eval: lm-evaluation-"
+                        "harness's own Korean tasks (kobest_*) on the local data")
+    p.add_argument("--list", action="store_true", help="list tasks and suites and exit")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "report", help="bilingual report (Markdown, HTML, JSON) from evaluation run dirs",
+        description="Compare evaluation run directories (written by hcx eval), the first "
+                    "being the baseline: Korean and English side by side, category averages, "
+                    "every task's metrics with standard errors and deltas, plots. Writes "
+                    "report.md, a self-contained report.html and report.json.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", help="output folder (default: <last RUN_DIR>/report)")
+    p.add_argument("--title", help="report title")
+    p.set_defaults(func=cmd_report)
+

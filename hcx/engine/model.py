@@ -1,0 +1,234 @@
+"""The Llama-style decoder of the HyperCLOVA X family, built with megatron-core.
+
+RMSNorm pre-norm, SwiGLU MLP, RoPE (configurable base), grouped-query attention,
+optional tied input/output embeddings, no biases. Transformer Engine layers are
+used when the package is installed (GPU clusters), megatron-core's local layers
+otherwise (CPU, tests).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from hcx.config import ModelConfig, ParallelConfig, RecipeError
+from hcx.errors import MachineError
+
+
+class RMSNorm(torch.nn.Module):
+    """RMSNorm for megatron-core's local layer spec.
+
+    megatron's own torch-norm wrapper refuses sequence parallelism because its weight
+    is not marked: with SP each TP rank normalizes a different slice of the sequence,
+    so the weight's gradient must be all-reduced over TP. Marking the weight
+    ``sequence_parallel`` makes megatron's ``finalize_model_grads`` do exactly that
+    (the same attribute Transformer Engine's and apex's norms set).
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def _sdpa_attention_class():
+    """megatron's local core attention, computed by torch's fused
+    ``scaled_dot_product_attention`` in the common cases.
+
+    megatron's ``DotProductAttention`` materializes the full score matrix
+    (baddbmm, masked_fill, softmax, bmm), which costs memory and time on CPUs and
+    on GPUs without Transformer Engine. The same math runs in one fused kernel for:
+
+    - causal self-attention (training, and the prompt pass of generation);
+    - a boolean ``attention_mask`` in megatron's convention (True = masked), as the
+      generation loop passes for left-padded batches;
+    - ``no_mask`` (decoding steps with a KV cache: one new query sees every cached key).
+
+    Anything else (dropout, windows, attention bias, packed sequences) takes
+    megatron's path unchanged.
+    """
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    class SDPAttention(DotProductAttention):
+        def forward(self, query, key, value, attention_mask, attn_mask_type=None,
+                    attention_bias=None, packed_seq_params=None):
+            mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+            causal = (mask_type == AttnMaskType.causal and attention_mask is None
+                      and query.shape[0] == key.shape[0])
+            explicit = attention_mask is not None and attention_mask.dtype == torch.bool
+            unmasked = mask_type == AttnMaskType.no_mask and attention_mask is None
+            simple = (
+                (causal or explicit or unmasked)
+                and attention_bias is None and packed_seq_params is None
+                and self.config.window_size is None and self.softmax_offset is None
+                and not self.config.apply_query_key_layer_scaling
+                and (self.config.attention_dropout == 0.0 or not self.training)
+            )
+            if not simple:
+                return super().forward(query, key, value, attention_mask, attn_mask_type,
+                                       attention_bias, packed_seq_params)
+            sq, b = query.shape[0], query.shape[1]
+            # [s, b, heads, d] -> [b, heads, s, d]; GQA: repeat each KV group for its queries.
+            q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+            rep = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
+            if rep > 1:
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            keep = ~attention_mask if explicit else None  # torch: True = attend
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, is_causal=causal,
+                                                 scale=self.softmax_scale)
+            return out.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
+
+    return SDPAttention
+
+
+def have_transformer_engine() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:  # ImportError, or a broken CUDA install
+        return False
+    return torch.cuda.is_available()
+
+
+def use_transformer_engine(model: ModelConfig) -> bool:
+    if model.transformer_impl == "transformer_engine":
+        if not have_transformer_engine():
+            raise MachineError(
+                "model.transformer_impl=transformer_engine but Transformer Engine is not "
+                "installed (or no GPU); use 'auto' or 'local'"
+            )
+        return True
+    return model.transformer_impl == "auto" and have_transformer_engine()
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """'auto' is bf16 where a GPU is present and fp32 on CPU."""
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+
+
+def transformer_config(model: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype,
+                       recompute: bool = False):
+    from megatron.core.transformer import TransformerConfig
+
+    bf16 = dtype == torch.bfloat16
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.query_groups,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=True,  # SwiGLU = silu(x W_gate) * (x W_up)
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_std,
+        # Pipeline stages must know the full layout, else every stage numbers its
+        # layers from 0 and dist_checkpointing rejects the sharding.
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        sequence_parallel=parallel.sequence_parallel,
+        bf16=bf16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        autocast_dtype=dtype,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        # Off: these need megatron's compiled CUDA extensions, which a pip install of
+        # megatron-core does not build (attention is fused by SDPA or TE instead).
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        recompute_granularity="full" if recompute else None,
+        recompute_method="uniform" if recompute else None,
+        recompute_num_layers=1 if recompute else None,
+    )
+
+
+def build_gpt(model: ModelConfig, parallel: ParallelConfig, vocab_size: int, seq_length: int,
+              dtype: torch.dtype, pre_process: bool, post_process: bool, recompute: bool = False):
+    """One pipeline stage of the decoder (all of it when pp == 1)."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    config = transformer_config(model, parallel, dtype, recompute)
+    if use_transformer_engine(model):
+        spec = get_gpt_layer_with_transformer_engine_spec()
+    else:
+        layer = get_gpt_layer_local_spec(normalization="RMSNorm")
+        layer.submodules.input_layernorm = RMSNorm
+        layer.submodules.pre_mlp_layernorm = RMSNorm
+        layer.submodules.self_attention.submodules.core_attention = _sdpa_attention_class()
+        spec = TransformerBlockSubmodules(
+            layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=RMSNorm
+        )
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=vocab_size,
+        max_sequence_length=max(seq_length, model.max_position_embeddings),
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=model.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(model.rope_base),
+        parallel_output=True,
+    )
+
+
+def model_vocab_size(recipe, tokenizer_vocab: int) -> int:
+    """The model's (unpadded) vocabulary: ``model.vocab_size``, or the tokenizer's when
+    unset. A model smaller than its tokenizer could not embed every id."""
+    if recipe.model.vocab_size is None:
+        return tokenizer_vocab
+    if recipe.model.vocab_size < tokenizer_vocab:
+        raise RecipeError(f"{recipe.where('model.vocab_size')}: model.vocab_size="
+                          f"{recipe.model.vocab_size} is smaller than the tokenizer's "
+                          f"vocabulary ({tokenizer_vocab})")
+    return recipe.model.vocab_size
+
+
+def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
+    """Pad the vocabulary to a multiple of 128 (aligned matmuls), split evenly over TP.
+
+    Unlike Megatron-LM's ``multiple * tp``, the padding does not grow with TP (for the
+    usual power-of-two TP sizes), so one checkpoint loads at any TP size.
+    """
+    step = math.lcm(multiple, tp)
+    return ((vocab_size + step - 1) // step) * step
+
+
+def count_parameters(model: ModelConfig, vocab_size: int) -> dict[str, int]:
+    """Exact parameter counts of the decoder (no parallelism), by part."""
+    h, f, L = model.hidden_size, model.ffn_hidden_size, model.num_layers
+    head_dim = h // model.num_attention_heads
+    kv = model.query_groups * head_dim
+    attn = h * (h + 2 * kv) + h * h  # fused QKV + output projection
+    mlp = 2 * h * f + f * h  # gate + up (fused fc1) + down
+    norms = 2 * h  # two RMSNorm weights per layer
+    per_layer = attn + mlp + norms
+    embedding = vocab_size * h
+    output = 0 if model.tie_embeddings else vocab_size * h
+    total = L * per_layer + embedding + output + h  # + final norm
+    return {"per_layer": per_layer, "embedding": embedding, "output": output,
+            "non_embedding": L * per_layer + h, "total": total}
