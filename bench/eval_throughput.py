@@ -96,14 +96,14 @@ def native_runner(model, task_names: list[str], limit: int, out: Path):
 def lm_eval_runner(lm, task_names: list[str], limit: int, out: Path):
     from lm_eval.tasks import TaskManager
 
-    from hcx.evaluation.lm_eval.backend import _evaluate, prepare, resolve
+    from hcx.evaluation.lm_eval.backend import evaluate_tasks, prepare, resolve
 
     selected = {t.name: t for t in resolve(task_names)}
     include = quiet(prepare, list(selected.values()), out / "lm_eval")
     manager = quiet(TaskManager, include_path=str(include))
 
     def run(name: str, n: int | None = None, tag: str = "run"):
-        res = quiet(_evaluate, lm, manager, [name], n or limit, None)
+        res = quiet(evaluate_tasks, lm, manager, [name], n or limit, None)
         metrics = {k.split(",")[0]: float(v) for k, v in res["results"][name].items()
                    if "," in k and "_stderr" not in k and isinstance(v, (int, float))}
         return metrics, int(res["n-samples"][name]["effective"])

@@ -69,8 +69,6 @@ def evaluate(model: str | Path, tasks: Sequence[str], out: str | Path, *,
     """Evaluate an hcx checkpoint or a Hugging Face directory on tasks and suites (names
     as ``hcx eval --tasks`` takes them, or task YAML files) into the run directory
     ``out``; returns its scores (the contents of ``scores.json``)."""
-    import json
-
     from hcx.evaluation.models import Budget, open_model
     from hcx.evaluation.runner import evaluate as run
     from hcx.evaluation.tasks import resolve_tasks
@@ -79,11 +77,10 @@ def evaluate(model: str | Path, tasks: Sequence[str], out: str | Path, *,
     quiet = log or (lambda msg: None)
     model_obj = open_model(str(model), log=quiet, budget=Budget(batch_size=batch_size))
     try:
-        run(model_obj, selected, Path(out), limit=limit, chat=chat,
-            max_new_tokens=max_new_tokens, log=quiet)
+        return run(model_obj, selected, Path(out), limit=limit, chat=chat,
+                   max_new_tokens=max_new_tokens, log=quiet)
     finally:
         model_obj.close()
-    return json.loads((Path(out) / "scores.json").read_text(encoding="utf-8"))
 
 
 def report(run_dirs: Sequence[str | Path], out: str | Path, title: str | None = None

@@ -24,6 +24,7 @@ import torch
 from hcx.config import Recipe
 from hcx.errors import HcxError
 from hcx.paths import resolve
+from hcx.data.prepare import token_dtype
 from hcx.tokenizer.loading import Tokenizer
 
 
@@ -32,10 +33,6 @@ class DataError(HcxError, ValueError):
 
 
 # --- writing indexed datasets --------------------------------------------------------
-
-
-def token_dtype(vocab_size: int) -> type[np.number]:
-    return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
 
 
 def write_indexed_dataset(documents: Iterable[list[int]], prefix: str | Path, vocab_size: int) -> int:

@@ -201,6 +201,11 @@ class DocumentProcessor:
         return fim_layout(prefix, middle, suffix, self.fim_ids, spm), prefix + middle + suffix
 
 
+def token_dtype(vocab_size: int) -> type[np.number]:
+    """The smallest dtype megatron's indexed datasets can store these token ids in."""
+    return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
+
+
 def word_start_table(tokenizer: Tokenizer) -> np.ndarray:
     """For each id: does its text begin with whitespace (a new word)?
 
@@ -598,7 +603,6 @@ def is_prepared(recipe: Recipe) -> bool:
 def run(recipe: Recipe, progress: bool = True, log=print) -> dict:
     """Prepare every raw source of the recipe; returns the stats (also written as
     ``stats.json`` and ``stats.md`` next to the datasets)."""
-    from hcx.data.indexed import token_dtype
 
     sources = raw_sources(recipe)
     if not sources:

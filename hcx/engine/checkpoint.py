@@ -339,7 +339,7 @@ def _materialize_optimizer_state(optimizer) -> None:
             opt._init_optimizer_states_with_dummy_values()
 
 
-def _check_shapes(path: Path, model_state: dict) -> None:
+def check_shapes(path: Path, model_state: dict) -> None:
     """Refuse a checkpoint whose tensors have other shapes than the model's (another
     vocabulary, hidden size, ...): megatron-core would otherwise load some of them into
     the wrong places without complaint."""
@@ -383,7 +383,7 @@ def load(path: Path, model, optimizer=None, scheduler=None, restore_rng: bool = 
         _materialize_optimizer_state(optimizer)
     state = _sharded_state(model, optimizer, is_loading=True,
                            with_optimizer=optimizer is not None)
-    _check_shapes(path, state["model"])
+    check_shapes(path, state["model"])
     try:
         loaded = dist_checkpointing.load(state, str(path))
     except Exception as e:  # shape/key mismatches surface here; name the checkpoint

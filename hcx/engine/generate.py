@@ -162,6 +162,21 @@ def padding_mask(real: torch.Tensor, queries: int) -> torch.Tensor | None:
     return ~allowed.unsqueeze(1)
 
 
+def forward_logits(engine, tokens: torch.Tensor, mask, context, vocab_size: int,
+                   all_positions: bool = False) -> torch.Tensor:
+    """One forward pass of an inference engine with a KV cache ``context``: float32 logits
+    ``[batch, positions, vocab_size]`` (the vocabulary padding cut), for every position of
+    ``tokens`` or, in megatron's inference mode, for the last one only."""
+    from hcx.engine.parallel import device
+
+    dev = device()
+    context.materialize_only_last_token_logits = not all_positions
+    position_ids = torch.arange(tokens.shape[1], device=dev).unsqueeze(0)
+    out = engine.ddp(tokens.to(dev), position_ids, None if mask is None else mask.to(dev),
+                     inference_context=context, runtime_gather_output=True)
+    return out[..., :vocab_size].float()
+
+
 class Generator:
     """Generates with an engine built for inference (see ``inference.open_checkpoint``)."""
 
@@ -171,16 +186,8 @@ class Generator:
         self.max_positions = engine.recipe.model.max_position_embeddings
 
     def _forward(self, tokens: torch.Tensor, mask, context) -> torch.Tensor:
-        """Float32 logits of the last position [batch, vocab] (vocabulary padding cut).
-        In inference mode megatron computes logits for the last position only."""
-        from hcx.engine.parallel import device
-
-        dev = device()
-        position_ids = torch.arange(tokens.shape[1], device=dev).unsqueeze(0)
-        out = self.engine.ddp(tokens.to(dev), position_ids,
-                              None if mask is None else mask.to(dev),
-                              inference_context=context, runtime_gather_output=True)
-        return out[:, -1, : self.tokenizer.vocab_size].float()
+        """Float32 logits of the last position [batch, vocab]."""
+        return forward_logits(self.engine, tokens, mask, context, self.tokenizer.vocab_size)[:, -1]
 
     def _stop_ids(self, params: SamplingParams) -> set[int]:
         return set(params.stop_ids) if params.stop_ids is not None else {self.tokenizer.eod}

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from hcx.engine import checkpoint as ckpt
 from hcx.engine.batches import rank_microbatches
-from hcx.engine import metrics as M
+from hcx.engine import metrics
 from hcx.config import Recipe
 from hcx.errors import HcxError, Stopped
 from hcx.engine.model import build_gpt, compute_dtype, padded_vocab_size
@@ -286,12 +286,12 @@ def train(engine: Engine, task: Task, valid_task: Task | None = None) -> list[di
     """Train from ``engine.start_step`` to ``recipe.train.steps``. Returns the records."""
     r, topo = engine.recipe, engine.topo
     t = r.train
-    flops_per_token = M.training_flops_per_token(r.model, engine.vocab_size, r.data.seq_length)
-    peak = M.peak_tflops(r.logging.peak_tflops, engine.dtype)
+    flops_per_token = metrics.training_flops_per_token(r.model, engine.vocab_size, r.data.seq_length)
+    peak = metrics.peak_tflops(r.logging.peak_tflops, engine.dtype)
     tokens_per_step = t.global_batch_size * r.data.seq_length
     logger = None
     if topo.is_logging_rank:
-        logger = M.MetricsLogger(Path(r.output_dir), t.steps, engine.start_step,
+        logger = metrics.MetricsLogger(Path(r.output_dir), t.steps, engine.start_step,
                                  r.logging.tensorboard, r.logging.progress, r.logging.log_every)
     records = []
     saved_state = (engine.resumed or {}).get("task_state")

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hcx.evaluation import metrics as M
+from hcx.evaluation.metrics import (BiasRecord, MetricValue, bias_scores, gsm8k_extract, gsm8k_gold,
+                                    korquad_em, korquad_f1, mc_predictions, mean_stderr, squad_em,
+                                    squad_f1, translation_scores, translation_signature, truthfulqa_mc2)
 from hcx.evaluation.models import ChoiceRequest, GenerationRequest, LanguageModel, encode_choices
 from hcx.evaluation.tasks import FewShot, Task, TaskError
 
@@ -18,7 +20,7 @@ from hcx.evaluation.tasks import FewShot, Task, TaskError
 @dataclass
 class Outcome:
     samples: list[dict]
-    metrics: dict[str, M.MetricValue]
+    metrics: dict[str, MetricValue]
     notes: dict = field(default_factory=dict)  # e.g. sacrebleu signatures, kept in scores.json
 
 
@@ -93,14 +95,14 @@ def multiple_choice(task: Task, docs: list[dict], model: LanguageModel) -> Outco
     records = score_choices(task, docs, model)
     wanted = task.spec.metrics
     for rec, doc in zip(records, docs):
-        pred, pred_norm = M.mc_predictions(rec["loglikelihoods"], rec["choices"])
+        pred, pred_norm = mc_predictions(rec["loglikelihoods"], rec["choices"])
         rec.update(pred=pred, acc=float(pred == rec["target"]))
         if "acc_norm" in wanted:
             rec.update(pred_norm=pred_norm, acc_norm=float(pred_norm == rec["target"]))
         if "mc2" in wanted:
             rec["labels"] = [int(x) for x in task.expr("labels", doc)]
-            rec["mc2"] = M.truthfulqa_mc2(rec["loglikelihoods"], rec["labels"])
-    metrics = {m: M.MetricValue(*M.mean_stderr([r[m] for r in records])) for m in wanted}
+            rec["mc2"] = truthfulqa_mc2(rec["loglikelihoods"], rec["labels"])
+    metrics = {m: MetricValue(*mean_stderr([r[m] for r in records])) for m in wanted}
     return Outcome(records, metrics)
 
 
@@ -109,7 +111,7 @@ def bias(task: Task, docs: list[dict], model: LanguageModel) -> Outcome:
     inconsistent (counter-biased) or unknown, for the KoBBQ/BBQ bias scores."""
     records = score_choices(task, docs, model)
     for rec, doc in zip(records, docs):
-        pred, _ = M.mc_predictions(rec["loglikelihoods"], rec["choices"])
+        pred, _ = mc_predictions(rec["loglikelihoods"], rec["choices"])
         condition = str(task.expr("bias.condition", doc))
         if condition not in ("ambig", "disambig"):
             raise TaskError(f"task {task.name}: bias.condition gave {condition!r} for doc "
@@ -126,7 +128,7 @@ def bias(task: Task, docs: list[dict], model: LanguageModel) -> Outcome:
 
         rec.update(pred=pred, acc=float(pred == rec["target"]), condition=condition,
                    answer_type=kind_of(pred), gold_type=kind_of(rec["target"]))
-    metrics = M.bias_scores([M.BiasRecord(context_condition=r["condition"], answer_type=r["answer_type"],
+    metrics = bias_scores([BiasRecord(context_condition=r["condition"], answer_type=r["answer_type"],
                                           biased_context=r["gold_type"] == "biased")
                              for r in records])
     return Outcome(records, {m: metrics[m] for m in task.spec.metrics})
@@ -163,18 +165,18 @@ def generation(task: Task, docs: list[dict], model: LanguageModel, chat: bool = 
         refs = _references(task, doc)
         out = rec["output"]
         if mode == "gsm8k":
-            gold = M.gsm8k_gold(refs[0])
-            strict, flexible = M.gsm8k_extract(out, "strict"), M.gsm8k_extract(out, "flexible")
+            gold = gsm8k_gold(refs[0])
+            strict, flexible = gsm8k_extract(out, "strict"), gsm8k_extract(out, "flexible")
             rec.update(gold=gold, answer=strict, answer_flexible=flexible,
                        exact_match=float(strict == gold), exact_match_flexible=float(flexible == gold),
                        f1=float(flexible == gold))
         else:
             answer = out.strip().split("\n")[0].strip()
-            em, f1 = {"korquad": (M.korquad_em, M.korquad_f1), "squad": (M.squad_em, M.squad_f1),
-                      "none": (M.squad_em, M.squad_f1)}[mode]
+            em, f1 = {"korquad": (korquad_em, korquad_f1), "squad": (squad_em, squad_f1),
+                      "none": (squad_em, squad_f1)}[mode]
             rec.update(gold=refs, answer=answer, exact_match=float(em(answer, refs)),
                        f1=float(f1(answer, refs)), exact_match_flexible=float(em(answer, refs)))
-    metrics = {m: M.MetricValue(*M.mean_stderr([r[m] for r in records])) for m in task.spec.metrics}
+    metrics = {m: MetricValue(*mean_stderr([r[m] for r in records])) for m in task.spec.metrics}
     return Outcome(records, metrics)
 
 
@@ -185,9 +187,9 @@ def translation(task: Task, docs: list[dict], model: LanguageModel, chat: bool =
     for rec, doc in zip(records, docs):
         rec["hypothesis"] = rec["output"].strip().split("\n")[0].strip()
         rec["reference"] = _references(task, doc)[0]
-    scores = M.translation_scores([r["hypothesis"] for r in records],
+    scores = translation_scores([r["hypothesis"] for r in records],
                                   [r["reference"] for r in records], target_lang)
-    signatures = {m: M.translation_signature(target_lang, m) for m in task.spec.metrics}
+    signatures = {m: translation_signature(target_lang, m) for m in task.spec.metrics}
     return Outcome(records, {m: scores[m] for m in task.spec.metrics}, {"signatures": signatures})
 
 
@@ -207,23 +209,23 @@ def code(task: Task, docs: list[dict], model: LanguageModel, chat: bool = False,
     for rec, res in zip(records, results):
         rec.update(status=res.status, passed=float(res.status == "passed"),
                    stderr_tail=res.stderr[-500:])
-    return Outcome(records, {"pass@1": M.MetricValue(*M.mean_stderr([r["passed"] for r in records]))})
+    return Outcome(records, {"pass@1": MetricValue(*mean_stderr([r["passed"] for r in records]))})
 
 
 def ifeval(task: Task, docs: list[dict], model: LanguageModel, chat: bool = False) -> Outcome:
     """IFEval: the response is checked against each of the prompt's verifiable instructions."""
-    from hcx.evaluation import ifeval as IF
+    from hcx.evaluation import ifeval
 
     records = _generate(task, docs, model, chat)
     results = []
     for rec, doc in zip(records, docs):
         ids = list(task.expr("ifeval.instructions", doc))
         kwargs = list(task.expr("ifeval.kwargs", doc))
-        result = IF.check_example(ids, kwargs, task.prompt(doc), rec["output"])
+        result = ifeval.check_example(ids, kwargs, task.prompt(doc), rec["output"])
         rec["checks"] = result
         results.append(result)
-    agg = IF.aggregate(results)
-    return Outcome(records, {m: M.MetricValue(*agg[m]) for m in task.spec.metrics})
+    agg = ifeval.aggregate(results)
+    return Outcome(records, {m: MetricValue(*agg[m]) for m in task.spec.metrics})
 
 
 def run(task: Task, docs: list[dict], model: LanguageModel, chat: bool = False) -> Outcome:

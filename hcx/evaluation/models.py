@@ -397,15 +397,10 @@ class HcxModel(LanguageModel):
         return encode_prompt(text, self.tokenizer, chat=True)
 
     def _forward(self, tokens: torch.Tensor, mask, context, all_positions: bool) -> torch.Tensor:
-        """Float32 logits [batch, positions, vocab] (vocabulary padding cut)."""
-        from hcx.engine.parallel import device
+        """Float32 logits [batch, positions, vocab] on the CPU."""
+        from hcx.engine.generate import forward_logits
 
-        dev = device()
-        context.materialize_only_last_token_logits = not all_positions
-        position_ids = torch.arange(tokens.shape[1], device=dev).unsqueeze(0)
-        out = self.engine.ddp(tokens.to(dev), position_ids, None if mask is None else mask.to(dev),
-                              inference_context=context, runtime_gather_output=True)
-        return out[..., : self.vocab].float().cpu()
+        return forward_logits(self.engine, tokens, mask, context, self.vocab, all_positions).cpu()
 
     @torch.no_grad()
     def _score(self, requests: list[ChoiceRequest]) -> list[list[Score]]:

@@ -24,7 +24,7 @@ FORMAT = 1
 HCX_VERSION = "0.1.0"
 
 
-def _step(model: LanguageModel) -> int | None:
+def checkpoint_step(model: LanguageModel) -> int | None:
     """The training step of an hcx checkpoint (a checkpoints folder means its latest)."""
     from hcx.engine.checkpoint import META, checkpoint_path
 
@@ -37,7 +37,7 @@ def _step(model: LanguageModel) -> int | None:
 def model_identity(model: LanguageModel) -> dict:
     """What tells one model's results from another's: its path, the training step (a
     checkpoints folder's latest moves on as training goes on) and the weights' dtype."""
-    return {"path": model.path, "step": _step(model), "dtype": getattr(model, "dtype", None)}
+    return {"path": model.path, "step": checkpoint_step(model), "dtype": getattr(model, "dtype", None)}
 
 
 def settings_key(task: Task, model: LanguageModel, limit: int | None, chat: bool) -> str:

@@ -39,6 +39,7 @@ from hcx.engine.parallel import dp_gather, dp_mean
 from hcx.engine.scoring import frozen_model, score, sequence_logps, token_logps_output
 from hcx.engine.stage import Stage
 from hcx.errors import HcxError
+from hcx.stages.loss_helpers import loop_output
 from hcx.stages.losses import (RunningMean, bco_loss, dpo_loss, ipo_loss, kto_loss,
                                kto_reference_point, orpo_loss)
 from hcx.stages import preference
@@ -265,17 +266,7 @@ class AlignTask:
             # How far the policy moved from the reference on these completions (a KL
             # estimate only for samples of the policy: see docs/alignment.md).
             metrics["logratio"] = (logps[:mb].detach() - ref[:mb]).float().mean()
-        n = losses.numel()
-        counts = metric_counts(m, desirable, n)
-        one = torch.ones((), dtype=torch.float64, device=dev)
-        report = {"loss": torch.stack([losses.sum().detach().double(), n * one])}
-        for name, c in counts.items():  # a side absent from this micro-batch counts 0
-            if name not in metrics:
-                metrics[name], counts[name] = torch.zeros((), device=dev), 0
-        for name, value in metrics.items():
-            c = counts.get(name, n)
-            report[name] = torch.stack([value.double() * c, c * one])
-        return losses.sum(), torch.tensor(n, dtype=torch.int, device=dev), report
+        return loop_output(losses, metrics, metric_counts(m, desirable, losses.numel()))
 
     def state_dict(self) -> dict:
         """BCO's running reward mean, from the last pipeline stage (checkpoints are

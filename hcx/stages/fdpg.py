@@ -44,6 +44,7 @@ from hcx.engine.parallel import device, dp_gather, dp_mean
 from hcx.engine.scoring import frozen_model, score, sequence_logps, token_logps_output
 from hcx.engine.stage import Stage
 from hcx.stages import fdpg_loss
+from hcx.stages.loss_helpers import loop_output
 from hcx.stages import preference
 from hcx.stages.align import AlignError, reference_checkpoint, reference_errors
 
@@ -247,12 +248,7 @@ class FDPGTask:
             metrics["fdpg/distinct_1"], metrics["fdpg/distinct_2"] = batch["distinct"]
             metrics["fdpg/length"] = batch["lengths"].mean()
             metrics["fdpg/proposal_updates"] = torch.tensor(float(self.proposal_updates))
-        n = losses.numel()
-        one = torch.ones((), dtype=torch.float64, device=dev)
-        report = {"loss": torch.stack([losses.sum().detach().double(), n * one])}
-        for k, v in metrics.items():
-            report[k] = torch.stack([v.to(dev).double() * n, n * one])
-        return losses.sum(), torch.tensor(n, dtype=torch.int, device=dev), report
+        return loop_output(losses, metrics)
 
     def load_state_dict(self, state: dict) -> None:
         self.partition.load_state_dict(state["partition"])

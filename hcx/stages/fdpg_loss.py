@@ -120,6 +120,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hcx.stages.loss_helpers import constant, put_mean, upcast
+
 LossOutput = tuple[Tensor, dict[str, Tensor]]
 
 DEFAULT_MAX_LOG_RATIO = 20.0
@@ -131,27 +133,12 @@ _LOG2 = math.log(2.0)
 # Helpers
 # ---------------------------------------------------------------------------------------------
 
-def _f32(x: Tensor) -> Tensor:
-    """Upcast to at least float32 (float64 stays float64)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-def _const(x: Tensor) -> Tensor:
-    """An input that must not receive a gradient: detached and upcast."""
-    return _f32(x.detach())
-
 
 def _scalar(value: Tensor | float, like: Tensor) -> Tensor:
     """A float or 0-dim tensor as a detached 0-dim tensor of ``like``'s dtype and device."""
     if isinstance(value, Tensor):
         return value.detach().to(device=like.device, dtype=like.dtype)
     return torch.tensor(float(value), dtype=like.dtype, device=like.device)
-
-
-def _put_mean(metrics: dict[str, Tensor], name: str, values: Tensor) -> None:
-    """metrics[name] = mean of values, detached; skipped when there are no values."""
-    if values.numel() > 0:
-        metrics[name] = values.detach().float().mean()
 
 
 def _check_same_shape(**tensors: Tensor) -> None:
@@ -261,7 +248,7 @@ def target_logp(base_logps: Tensor, *, constraint: Tensor | None = None,
 
     Both may be given: P = a * b * exp(r / beta). With neither, P = a.
     """
-    logp = _const(base_logps)
+    logp = constant(base_logps)
     if constraint is not None:
         b = constraint.detach().to(device=logp.device, dtype=logp.dtype)
         if b.shape != logp.shape:
@@ -295,7 +282,7 @@ def log_partition_estimate(target_logps: Tensor, proposal_logps: Tensor) -> Tens
     Z_hat is unbiased for Z (log Z_hat is not, slightly, by Jensen). A detached 0-dim tensor;
     -inf if every sample has P = 0. Under data parallelism pass the gathered values.
     """
-    target_logps, proposal_logps = _const(target_logps), _const(proposal_logps)
+    target_logps, proposal_logps = constant(target_logps), constant(proposal_logps)
     _check_same_shape(target_logps=target_logps, proposal_logps=proposal_logps)
     n = target_logps.numel()
     if n == 0:
@@ -324,7 +311,7 @@ class PartitionEstimate:
     @torch.no_grad()
     def update(self, target_logps: Tensor, proposal_logps: Tensor) -> float:
         """Fold a batch of samples from q in; returns the new log Z estimate."""
-        target_logps, proposal_logps = _const(target_logps), _const(proposal_logps)
+        target_logps, proposal_logps = constant(target_logps), constant(proposal_logps)
         _check_same_shape(target_logps=target_logps, proposal_logps=proposal_logps)
         n = target_logps.numel()
         if n > 0:
@@ -447,8 +434,8 @@ def divergence_estimate(policy_logps: Tensor, proposal_logps: Tensor, target_log
     pi/q = 1); this is how :func:`should_update_proposal` is fed.
     """
     div = get_divergence(divergence)
-    policy_logps, proposal_logps = _const(policy_logps), _const(proposal_logps)
-    target_logps = _const(target_logps)
+    policy_logps, proposal_logps = constant(policy_logps), constant(proposal_logps)
+    target_logps = constant(target_logps)
     _check_same_shape(policy_logps=policy_logps, proposal_logps=proposal_logps,
                       target_logps=target_logps)
     log_z = _scalar(log_z, policy_logps)
@@ -508,9 +495,9 @@ def fdpg_loss(policy_logps: Tensor, proposal_logps: Tensor, target_logps: Tensor
     ``fdpg/baseline``              the B used
     """
     div = get_divergence(divergence)
-    policy_logps = _f32(policy_logps)
+    policy_logps = upcast(policy_logps)
     logpi = policy_logps.detach()
-    logq, logP = _const(proposal_logps), _const(target_logps)
+    logq, logP = constant(proposal_logps), constant(target_logps)
     _check_same_shape(policy_logps=logpi, proposal_logps=logq, target_logps=logP)
     log_z = _scalar(log_z, logpi)
     b = _scalar(baseline, logpi)
@@ -523,11 +510,11 @@ def fdpg_loss(policy_logps: Tensor, proposal_logps: Tensor, target_logps: Tensor
     metrics: dict[str, Tensor] = {}
     if logpi.numel() > 0:
         terms = _is_terms(div, logpi, logq, logP, log_z, max_log_weight, max_log_ratio)
-        _put_mean(metrics, "fdpg/divergence", terms)
+        put_mean(metrics, "fdpg/divergence", terms)
     metrics["fdpg/log_z"] = log_z.float()
-    _put_mean(metrics, "fdpg/importance_weight", w)
-    _put_mean(metrics, "fdpg/pseudo_reward", pseudo_reward)
-    _put_mean(metrics, "fdpg/weighted_pseudo_reward", w * pseudo_reward)
+    put_mean(metrics, "fdpg/importance_weight", w)
+    put_mean(metrics, "fdpg/pseudo_reward", pseudo_reward)
+    put_mean(metrics, "fdpg/weighted_pseudo_reward", w * pseudo_reward)
     metrics["fdpg/baseline"] = b.float()
     return losses, metrics
 
@@ -569,10 +556,10 @@ def kl_estimate(policy_logps: Tensor, proposal_logps: Tensor, base_logps: Tensor
     """KL(pi || a) from samples of the proposal q: the self-normalised importance-sampling
     estimate sum_i w_i (log pi(x_i) - log a(x_i)) / sum_i w_i, with w = pi/q (log w clamped
     above at ``max_log_weight``, as elsewhere). Detached; a 0-dim tensor."""
-    policy_logps = _f32(policy_logps.detach())
-    weights = torch.softmax((policy_logps - _f32(proposal_logps.detach())).clamp(
+    policy_logps = upcast(policy_logps.detach())
+    weights = torch.softmax((policy_logps - upcast(proposal_logps.detach())).clamp(
         max=max_log_weight), dim=0)
-    return (weights * (policy_logps - _f32(base_logps.detach()))).sum()
+    return (weights * (policy_logps - upcast(base_logps.detach()))).sum()
 
 
 def distinct_n(sequences: Sequence[Sequence[int]], n: int) -> float:

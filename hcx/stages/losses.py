@@ -57,6 +57,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hcx.stages.loss_helpers import constant, put_mean, upcast
+
 LossOutput = tuple[Tensor, dict[str, Tensor]]
 
 
@@ -64,31 +66,16 @@ LossOutput = tuple[Tensor, dict[str, Tensor]]
 # Helpers shared by the losses
 # ---------------------------------------------------------------------------------------------
 
-def _f32(x: Tensor) -> Tensor:
-    """Upcast to at least float32 (float64 stays float64)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-def _ref(x: Tensor) -> Tensor:
-    """A reference-model input: detached, so no gradient can reach the reference."""
-    return _f32(x.detach())
-
-
-def _put_mean(metrics: dict[str, Tensor], name: str, values: Tensor) -> None:
-    """metrics[name] = mean of values, detached; skipped when there are no values."""
-    if values.numel() > 0:
-        metrics[name] = values.detach().float().mean()
-
 
 def _paired_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor, policy_chosen_logps: Tensor,
                     policy_rejected_logps: Tensor) -> dict[str, Tensor]:
     metrics: dict[str, Tensor] = {}
-    _put_mean(metrics, "rewards/chosen", chosen_rewards)
-    _put_mean(metrics, "rewards/rejected", rejected_rewards)
-    _put_mean(metrics, "rewards/accuracies", (chosen_rewards > rejected_rewards).float())
-    _put_mean(metrics, "rewards/margins", chosen_rewards - rejected_rewards)
-    _put_mean(metrics, "logps/chosen", policy_chosen_logps)
-    _put_mean(metrics, "logps/rejected", policy_rejected_logps)
+    put_mean(metrics, "rewards/chosen", chosen_rewards)
+    put_mean(metrics, "rewards/rejected", rejected_rewards)
+    put_mean(metrics, "rewards/accuracies", (chosen_rewards > rejected_rewards).float())
+    put_mean(metrics, "rewards/margins", chosen_rewards - rejected_rewards)
+    put_mean(metrics, "logps/chosen", policy_chosen_logps)
+    put_mean(metrics, "logps/rejected", policy_rejected_logps)
     return metrics
 
 
@@ -97,15 +84,15 @@ def _unpaired_metrics(rewards: Tensor, policy_logps: Tensor, desirable: Tensor,
     """Metrics of KTO/BCO: chosen = desirable rows, rejected = undesirable rows. A reward is
     "accurate" when it lies on the correct side of the loss's reference point."""
     metrics: dict[str, Tensor] = {}
-    _put_mean(metrics, "rewards/chosen", rewards[desirable])
-    _put_mean(metrics, "rewards/rejected", rewards[~desirable])
+    put_mean(metrics, "rewards/chosen", rewards[desirable])
+    put_mean(metrics, "rewards/rejected", rewards[~desirable])
     if "rewards/chosen" in metrics and "rewards/rejected" in metrics:
         metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
     correct = torch.where(desirable, rewards > reward_reference_point,
                           rewards < reward_reference_point)
-    _put_mean(metrics, "rewards/accuracies", correct.float())
-    _put_mean(metrics, "logps/chosen", policy_logps[desirable])
-    _put_mean(metrics, "logps/rejected", policy_logps[~desirable])
+    put_mean(metrics, "rewards/accuracies", correct.float())
+    put_mean(metrics, "logps/chosen", policy_logps[desirable])
+    put_mean(metrics, "logps/rejected", policy_logps[~desirable])
     return metrics
 
 
@@ -157,10 +144,10 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
 
     ``beta`` is the KL-penalty temperature: larger keeps the policy closer to the reference.
     """
-    policy_chosen_logps = _f32(policy_chosen_logps)
-    policy_rejected_logps = _f32(policy_rejected_logps)
-    chosen_logratios = policy_chosen_logps - _ref(ref_chosen_logps)
-    rejected_logratios = policy_rejected_logps - _ref(ref_rejected_logps)
+    policy_chosen_logps = upcast(policy_chosen_logps)
+    policy_rejected_logps = upcast(policy_rejected_logps)
+    chosen_logratios = policy_chosen_logps - constant(ref_chosen_logps)
+    rejected_logratios = policy_rejected_logps - constant(ref_rejected_logps)
     h = chosen_logratios - rejected_logratios
 
     losses = (-(1.0 - label_smoothing) * F.logsigmoid(beta * h)
@@ -200,12 +187,12 @@ def ipo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
 
     The reward metrics stay beta * (summed log-ratio), as in TRL's logs.
     """
-    policy_chosen_logps = _f32(policy_chosen_logps)
-    policy_rejected_logps = _f32(policy_rejected_logps)
-    chosen_logratios = policy_chosen_logps - _ref(ref_chosen_logps)
-    rejected_logratios = policy_rejected_logps - _ref(ref_rejected_logps)
-    n_chosen = _f32(chosen_lengths.detach()).clamp(min=1.0)
-    n_rejected = _f32(rejected_lengths.detach()).clamp(min=1.0)
+    policy_chosen_logps = upcast(policy_chosen_logps)
+    policy_rejected_logps = upcast(policy_rejected_logps)
+    chosen_logratios = policy_chosen_logps - constant(ref_chosen_logps)
+    rejected_logratios = policy_rejected_logps - constant(ref_rejected_logps)
+    n_chosen = upcast(chosen_lengths.detach()).clamp(min=1.0)
+    n_rejected = upcast(rejected_lengths.detach()).clamp(min=1.0)
     h = chosen_logratios / n_chosen - rejected_logratios / n_rejected
 
     losses = (h - 1.0 / (2.0 * beta)) ** 2
@@ -240,8 +227,8 @@ def kto_reference_point(policy_kl_logps: Tensor, ref_kl_logps: Tensor, *,
     Returns a 0-dim tensor. An empty batch gives z0 = 0.
     """
     if policy_kl_logps.numel() == 0:
-        return torch.zeros((), dtype=_f32(policy_kl_logps).dtype, device=policy_kl_logps.device)
-    kl = (_f32(policy_kl_logps.detach()) - _ref(ref_kl_logps)).mean()
+        return torch.zeros((), dtype=upcast(policy_kl_logps).dtype, device=policy_kl_logps.device)
+    kl = (upcast(policy_kl_logps.detach()) - constant(ref_kl_logps)).mean()
     if reduce is not None:
         kl = reduce(kl)
     return kl.clamp(min=0.0)
@@ -269,11 +256,11 @@ def kto_loss(policy_logps: Tensor, ref_logps: Tensor, desirable: Tensor,
     mean is the same). The metrics add ``kl`` (= z0); ``rewards/accuracies`` counts a
     desirable reward above beta * z0, or an undesirable one below it, as correct.
     """
-    policy_logps = _f32(policy_logps)
+    policy_logps = upcast(policy_logps)
     desirable = _as_bool(desirable, policy_logps)
     z0 = torch.as_tensor(reference_point, dtype=policy_logps.dtype,
                          device=policy_logps.device).detach()
-    logratios = policy_logps - _ref(ref_logps)
+    logratios = policy_logps - constant(ref_logps)
 
     desirable_losses = desirable_weight * (1.0 - torch.sigmoid(beta * (logratios - z0)))
     undesirable_losses = undesirable_weight * (1.0 - torch.sigmoid(beta * (z0 - logratios)))
@@ -348,7 +335,7 @@ def bco_udm_weights(prob_desirable: Tensor, desirable: Tensor, *, min_ratio: flo
     probabilities into weights (with TRL's 1e-8 guard and default clamp range).
     """
     desirable = _as_bool(desirable, prob_desirable)
-    p = _f32(prob_desirable.detach())
+    p = upcast(prob_desirable.detach())
     ratio = (p / (1.0 - p + 1e-8)).clamp(min=min_ratio, max=max_ratio)
     return torch.where(desirable, torch.ones_like(ratio), ratio)
 
@@ -376,16 +363,16 @@ def bco_loss(policy_logps: Tensor, ref_logps: Tensor, desirable: Tensor, delta: 
     metrics add ``delta``; ``rewards/accuracies`` counts a desirable reward above delta, or
     an undesirable one below it, as correct.
     """
-    policy_logps = _f32(policy_logps)
+    policy_logps = upcast(policy_logps)
     desirable = _as_bool(desirable, policy_logps)
     delta = torch.as_tensor(delta, dtype=policy_logps.dtype, device=policy_logps.device).detach()
-    rewards = beta * (policy_logps - _ref(ref_logps))
+    rewards = beta * (policy_logps - constant(ref_logps))
 
     # -log sigmoid(s * (r - delta)) with s = +1 for desirable rows, -1 for undesirable ones
     sign = torch.where(desirable, 1.0, -1.0).to(policy_logps.dtype)
     losses = -F.logsigmoid(sign * (rewards - delta))
     if udm_weights is not None:
-        losses = losses * _f32(udm_weights.detach())
+        losses = losses * upcast(udm_weights.detach())
 
     metrics = _unpaired_metrics(rewards, policy_logps, desirable, delta)
     metrics["delta"] = delta.float()
@@ -438,10 +425,10 @@ def orpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, *,
     ``log_odds_ratio`` (mean log sigmoid of the log-odds difference) and
     ``log_odds_chosen`` (mean log-odds difference). ``logps/*`` are the summed inputs.
     """
-    policy_chosen_logps = _f32(policy_chosen_logps)
-    policy_rejected_logps = _f32(policy_rejected_logps)
-    n_chosen = _f32(chosen_lengths.detach()).clamp(min=1.0)
-    n_rejected = _f32(rejected_lengths.detach()).clamp(min=1.0)
+    policy_chosen_logps = upcast(policy_chosen_logps)
+    policy_rejected_logps = upcast(policy_rejected_logps)
+    n_chosen = upcast(chosen_lengths.detach()).clamp(min=1.0)
+    n_rejected = upcast(rejected_lengths.detach()).clamp(min=1.0)
     chosen_avg = policy_chosen_logps / n_chosen
     rejected_avg = policy_rejected_logps / n_rejected
 
@@ -458,7 +445,7 @@ def orpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, *,
     if sft_logps is None:
         sft_logps, n_sft = policy_chosen_logps, n_chosen
     else:
-        sft_logps, n_sft = _f32(sft_logps), _f32(sft_lengths.detach()).clamp(min=1.0)
+        sft_logps, n_sft = upcast(sft_logps), upcast(sft_lengths.detach()).clamp(min=1.0)
     if sft_reduction == "token":
         # Scale so that the batch mean of nll is -sum(logps) / sum(tokens).
         nll = -sft_logps * (sft_logps.numel() / n_sft.sum().clamp(min=1.0))
@@ -470,9 +457,9 @@ def orpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, *,
 
     metrics = _paired_metrics(beta * chosen_avg, beta * rejected_avg,
                               policy_chosen_logps, policy_rejected_logps)
-    _put_mean(metrics, "nll_loss", nll)
-    _put_mean(metrics, "log_odds_ratio", log_odds_ratio)
-    _put_mean(metrics, "log_odds_chosen", log_odds)
+    put_mean(metrics, "nll_loss", nll)
+    put_mean(metrics, "log_odds_ratio", log_odds_ratio)
+    put_mean(metrics, "log_odds_chosen", log_odds)
     return losses, metrics
 
 
@@ -500,7 +487,7 @@ def bradley_terry_loss(chosen_rewards: Tensor, rejected_rewards: Tensor, *,
     gradients. Metrics: ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``,
     ``rewards/margins``.
     """
-    chosen_rewards, rejected_rewards = _f32(chosen_rewards), _f32(rejected_rewards)
+    chosen_rewards, rejected_rewards = upcast(chosen_rewards), upcast(rejected_rewards)
     diff = chosen_rewards - rejected_rewards
     if margin is not None:
         diff = diff - torch.as_tensor(margin, dtype=diff.dtype, device=diff.device)
@@ -509,8 +496,8 @@ def bradley_terry_loss(chosen_rewards: Tensor, rejected_rewards: Tensor, *,
         losses = losses + center_rewards_coefficient * (chosen_rewards + rejected_rewards) ** 2
 
     metrics: dict[str, Tensor] = {}
-    _put_mean(metrics, "rewards/chosen", chosen_rewards)
-    _put_mean(metrics, "rewards/rejected", rejected_rewards)
-    _put_mean(metrics, "rewards/accuracies", (chosen_rewards > rejected_rewards).float())
-    _put_mean(metrics, "rewards/margins", chosen_rewards - rejected_rewards)
+    put_mean(metrics, "rewards/chosen", chosen_rewards)
+    put_mean(metrics, "rewards/rejected", rejected_rewards)
+    put_mean(metrics, "rewards/accuracies", (chosen_rewards > rejected_rewards).float())
+    put_mean(metrics, "rewards/margins", chosen_rewards - rejected_rewards)
     return losses, metrics

@@ -53,8 +53,9 @@ import torch
 import torch.nn.functional as F
 
 from hcx.engine import checkpoint as ckpt
+from hcx.stages.loss_helpers import loop_output
 from hcx.stages.losses import bradley_terry_loss
-from hcx.stages import preference as P
+from hcx.stages import preference
 from hcx.data.sources import raw_source_errors
 from hcx.engine.loop import restore
 from hcx.engine.scoring import freeze
@@ -188,7 +189,7 @@ def load_backbone(path: Path, model, log=print) -> bool:
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
             + ": a reward model starts from a checkpoint of the same model (the SFT model), "
             "which must hold every tensor but the output layer")
-    ckpt._check_shapes(path, wanted)
+    ckpt.check_shapes(path, wanted)
     try:
         # Nested as hcx.engine.checkpoint saves it; the checkpoint's common (non-sharded) state
         # comes back merged in, so take the model's part.
@@ -224,12 +225,7 @@ class RewardTask(AlignTask):
         mb = rewards.numel() // 2
         losses, metrics = bradley_terry_loss(
             rewards[:mb], rewards[mb:], center_rewards_coefficient=self.cfg.center_rewards)
-        n = losses.numel()
-        one = torch.ones((), dtype=torch.float64, device=dev)
-        report = {"loss": torch.stack([losses.sum().detach().double(), n * one])}
-        for name, value in metrics.items():
-            report[name] = torch.stack([value.double() * n, n * one])
-        return losses.sum(), torch.tensor(n, dtype=torch.int, device=dev), report
+        return loop_output(losses, metrics)
 
 
 def rows_recipe(recipe):
@@ -368,8 +364,8 @@ class RewardModel:
         prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         if isinstance(completion, str):
             completion = [{"role": "assistant", "content": completion}]
-        head, tail = P.encode(prompt, completion, self.tokenizer)
-        head, [tail] = P.fit(head, [tail], self.seq_length, self.recipe.align.max_prompt_length)
+        head, tail = preference.encode(prompt, completion, self.tokenizer)
+        head, [tail] = preference.fit(head, [tail], self.seq_length, self.recipe.align.max_prompt_length)
         return head + tail
 
     def score(self, prompts: list, completions: list, batch_size: int = 8) -> list[float]:

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
+from hcx.engine.batches import epoch_order
 from hcx.stages.sft import (
     SFTDataError,
     SFTStats,
     attention_mask,
     build_sequences,
-    epoch_order,
     read_conversations,
     to_sample,
     tokenize,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from hcx.data.corpus.minhash import _mix64, ngram_hashes
+from hcx.data.corpus.minhash import mix64, ngram_hashes
 
 _POSITION = np.uint64(0x9E3779B97F4A7C15)
 
@@ -34,7 +34,7 @@ def word_hashes(tokens: np.ndarray, starts_word: np.ndarray) -> np.ndarray:
     is_start[0] = True
     starts = np.flatnonzero(is_start)
     position = np.arange(t.size) - starts[np.cumsum(is_start) - 1]
-    mixed = _mix64(t.astype(np.uint64) ^ (position.astype(np.uint64) * _POSITION))
+    mixed = mix64(t.astype(np.uint64) ^ (position.astype(np.uint64) * _POSITION))
     return np.add.reduceat(mixed, starts)
 
 

@@ -22,7 +22,7 @@ _MIX2 = np.uint64(0x94D049BB133111EB)
 _POLY = np.uint64(0xD6E8FEB86659FD93)
 
 
-def _mix64(x: np.ndarray) -> np.ndarray:
+def mix64(x: np.ndarray) -> np.ndarray:
     """splitmix64 of every element (uint64 in, new uint64 array out)."""
     z = x + _GAMMA
     z ^= z >> np.uint64(30)
@@ -52,12 +52,12 @@ def ngram_hashes(tokens: np.ndarray, n: int) -> np.ndarray:
     windows = tokens.size - n + 1
     if windows <= 0:
         return np.empty(0, dtype=np.uint64)
-    mixed = _mix64(tokens.astype(np.uint64))  # negative ids wrap, identically for any dtype
+    mixed = mix64(tokens.astype(np.uint64))  # negative ids wrap, identically for any dtype
     h = mixed[:windows].copy()
     for i in range(1, n):
         h *= _POLY
         h += mixed[i:i + windows]
-    return _mix64(h)
+    return mix64(h)
 
 
 class MinHasher:
@@ -92,7 +92,7 @@ class MinHasher:
         k = self.num_perm
         if tokens.size == 0:
             return np.full(k, 0xFFFFFFFF, dtype=np.uint32)
-        h = _mix64(ngram_hashes(tokens, min(self.ngram, tokens.size)) ^ self._salt)
+        h = mix64(ngram_hashes(tokens, min(self.ngram, tokens.size)) ^ self._salt)
         h.sort()
         # Bin = the top 32 bits scaled to [0, k): monotone in h, so the sorted hashes
         # are grouped by bin and the first of each group is the bin's minimum.

@@ -324,7 +324,7 @@ def make_lm(model, lm_eval_model: str = "hcx", tp: int = 1, batch_size: int = 16
     raise LmEvalBackendError(f"lm_eval_model must be 'hcx' or 'hf', not {lm_eval_model!r}")
 
 
-def _evaluate(lm, task_manager, names: list[str], limit: int | None,
+def evaluate_tasks(lm, task_manager, names: list[str], limit: int | None,
               num_fewshot: int | None) -> dict | None:
     """lm-eval's evaluator with ``simple_evaluate``'s seeds and few-shot defaults."""
     import random
@@ -377,10 +377,10 @@ def _sample_records(samples: list[dict]) -> list[dict]:
 
 def _model_meta(lm, model, lm_eval_model: str) -> dict:
     if lm_eval_model == "hcx":
-        from hcx.evaluation.runner import _step
+        from hcx.evaluation.runner import checkpoint_step
 
         m = lm.model
-        return {"name": m.name, "path": m.path, "kind": m.kind, "step": _step(m)}
+        return {"name": m.name, "path": m.path, "kind": m.kind, "step": checkpoint_step(m)}
     p = Path(model).resolve()
     return {"name": p.name, "path": str(p), "kind": "hf", "step": None}
 
@@ -443,7 +443,7 @@ def run_lm_eval(model_path, tasks: list[str], out_dir: Path, limit: int | None =
             (out_dir / "lm_eval").mkdir(parents=True, exist_ok=True)
         for i, task in enumerate(selected, 1):
             start = time.perf_counter()
-            results = _evaluate(lm, manager, [task.name], limit, num_fewshot)
+            results = evaluate_tasks(lm, manager, [task.name], limit, num_fewshot)
             seconds = time.perf_counter() - start
             if results is None or not writer:
                 continue
