@@ -1,7 +1,7 @@
 """The training loop: one loop for pretraining, SFT and alignment.
 
-A stage is a :class:`Task`: how to get this rank's micro-batches for a step and how
-to turn one micro-batch into a loss. Everything else (parallelism, precision,
+A stage trains a :class:`TrainingTask`: how to get this rank's micro-batches for a step
+and how to turn one micro-batch into a loss. Everything else (parallelism, precision,
 megatron's pipeline schedules, optimizer, LR schedule, checkpoints, metrics, NaN
 guard) lives here once.
 """
@@ -65,7 +65,7 @@ class _StopSignals:
             signal.signal(sig, handler)
 
 
-class Task(Protocol):
+class TrainingTask(Protocol):
     """What makes a training stage: everything the loop asks of one."""
 
     rows_per_microbatch: int
@@ -258,7 +258,7 @@ def _reduce_loss(engine: Engine, losses: list[dict[str, torch.Tensor]]) -> dict[
     return {k: (totals[i, 0] / totals[i, 1].clamp(min=1)).item() for i, k in enumerate(keys)}
 
 
-def run_step(engine: Engine, task: Task, step: int, forward_only: bool = False,
+def run_step(engine: Engine, task: TrainingTask, step: int, forward_only: bool = False,
              batches: list | None = None) -> dict[str, float]:
     """One optimizer step (or, with forward_only, one evaluation pass)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -282,7 +282,8 @@ def run_step(engine: Engine, task: Task, step: int, forward_only: bool = False,
     return _reduce_loss(engine, losses)
 
 
-def train(engine: Engine, task: Task, valid_task: Task | None = None) -> list[dict[str, Any]]:
+def train(engine: Engine, task: TrainingTask,
+          valid_task: TrainingTask | None = None) -> list[dict[str, Any]]:
     """Train from ``engine.start_step`` to ``recipe.train.steps``. Returns the records."""
     r, topo = engine.recipe, engine.topo
     t = r.train

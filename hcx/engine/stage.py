@@ -8,7 +8,7 @@ A stage (pretraining, SFT, DPO and its family, reward models, f-DPG) is a subcla
   pairs, so ``--check`` refuses a recipe before any process starts, naming ``file:line``;
 - :meth:`Stage.read`: its data, read before the process group exists (reading a large
   source can outlast any collective's timeout);
-- :meth:`Stage.tasks`: the :class:`~hcx.engine.loop.Task` to train and an optional
+- :meth:`Stage.tasks`: the :class:`~hcx.engine.loop.TrainingTask` to train and an optional
   validation task, once the engine is built and restored;
 
 and :func:`run_stage` does the rest identically for all of them: tokenizer, vocabulary,
@@ -21,7 +21,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from hcx.config import Recipe, refuse
-from hcx.engine.loop import Engine, Task, build_engine, log_rank0, restore, train, write_run_recipe
+from hcx.engine.loop import (Engine, TrainingTask, build_engine, log_rank0, restore, train,
+                             write_run_recipe)
 from hcx.engine.model import model_vocab_size
 from hcx.engine.parallel import Topology, initialize, shutdown
 from hcx.tokenizer.loading import Tokenizer, load_tokenizer
@@ -63,7 +64,8 @@ class Stage:
         """Resume the run's own checkpoint, else load ``checkpoint.init_from``."""
         restore(engine)
 
-    def tasks(self, engine: Engine, tokenizer: Tokenizer, data: Any) -> tuple[Task, Task | None]:
+    def tasks(self, engine: Engine, tokenizer: Tokenizer,
+              data: Any) -> tuple[TrainingTask, TrainingTask | None]:
         """The training task and the validation task (None: no validation pass)."""
         raise NotImplementedError
 

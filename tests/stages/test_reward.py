@@ -66,10 +66,13 @@ def test_tied_embeddings_with_pipeline_stages_are_refused_naming_the_keys():
     from hcx.config import RecipeError, load_recipe
     from hcx.stages.reward import check_layout
 
-    # the recipe validator refuses it before any process starts
+    from hcx.stages import stage_for
+
+    # the stage's recipe rules refuse it before any process starts (hcx align --check)
     with pytest.raises(RecipeError, match=r"parallel.pp.*model.tie_embeddings=true"):
-        load_recipe(ROOT / "recipes" / "tiny-reward.yaml",
-                    ["model.tie_embeddings=true", "parallel.pp=2"])
+        recipe = load_recipe(ROOT / "recipes" / "tiny-reward.yaml",
+                             ["model.tie_embeddings=true", "parallel.pp=2"])
+        stage_for("align", recipe).resolve(recipe)
     recipe = load_recipe(ROOT / "recipes" / "tiny-reward.yaml", ["model.tie_embeddings=true"])
     recipe.parallel.pp = 2  # and the stage itself, for a recipe built in Python
     with pytest.raises(RewardError, match=r"model.tie_embeddings=true.*parallel.pp=2"):
