@@ -592,7 +592,12 @@ def validate_recipe(data: dict, origins: dict[str, str], default: str) -> Recipe
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Load, merge, override and validate a training recipe. Raises RecipeError."""
+    """Load, merge, override and validate a training recipe. Raises RecipeError. A path
+    that does not exist may name a shipped recipe (``tiny.yaml``, ``recipes/tiny.yaml``:
+    :func:`hcx.resources.recipe_path`)."""
+    from hcx.resources import recipe_path
+
+    path = recipe_path(path)
     recipe, origins = load_config(path, Recipe, overrides)
     recipe = _with_origins(recipe, origins, str(path))
     refuse(recipe, layout_errors(recipe))
