@@ -540,9 +540,9 @@ def _stub_yaml(stub: dict, hf_dir: Path, out: Path) -> str:
 #     sources:
 #       - {{name: ko_web, language: ko, path: "data://train/pretrain/..."}}
 #
-# then run 'hcx pretrain my-run.yaml'. A relative base: is taken from the folder of the
-# recipe naming it; all other recipe paths from the current directory, so the paths
-# written here are absolute.
+# then run 'hcx pretrain my-run.yaml'. Relative paths in a recipe file (base:, the
+# tokenizer, init_from) are taken from that file's folder, so the tokenizer and the
+# checkpoint below are this folder's own, wherever it is moved.
 {section("name")}{section("output_dir")}
 # From {hf_dir / "config.json"}; the weights only load into this shape.
 {section("model")}
@@ -580,6 +580,11 @@ def import_hf(hf_dir: Path, out: Path, tp: int = 1, pp: int = 1, log=print) -> P
     stub, recipe = recipe_from_hf(config, name=hf_dir.name, tp=tp, pp=pp,
                                   tokenizer={"kind": kind, "path": str(out / TOKENIZER_DIR / file)},
                                   init_from=str(out / CHECKPOINT_DIR), source=str(config_file))
+    # recipe.yaml names this folder's files relatively (they resolve from its folder); the
+    # recipe recorded in the checkpoint keeps the absolute paths (and the checkpoint
+    # carries its tokenizer: hcx.engine.checkpoint.bundle_tokenizer).
+    stub["data"]["tokenizer"] = {"kind": kind, "path": f"{TOKENIZER_DIR}/{file}".rstrip("/")}
+    stub["checkpoint"] = {"init_from": CHECKPOINT_DIR}
     _refuse_to_overwrite(out)
     model, vocab = recipe.model, recipe.model.vocab_size
     with _building(out) as tmp:
