@@ -482,9 +482,6 @@ def run_lm_eval(model_path, tasks: list[str], out_dir: Path, limit: int | None =
 
 
 def _hcx_version() -> str:
-    try:
-        from hcx.evaluation.runner import HCX_VERSION
+    from hcx import __version__
 
-        return HCX_VERSION
-    except ImportError:  # pragma: no cover
-        return "0.1.0"
+    return __version__
