@@ -174,7 +174,9 @@ def _index_where(items: list, wanted) -> int:
 
 
 def _environment():
-    import jinja2
+    from hcx.errors import require
+
+    jinja2 = require("jinja2", "eval", package="Jinja2", purpose="task prompt templates")
 
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
                              autoescape=False)

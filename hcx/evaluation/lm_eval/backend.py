@@ -400,6 +400,9 @@ def run_lm_eval(model_path, tasks: list[str], out_dir: Path, limit: int | None =
     names it. ``batch_size``: questions per forward pass for ``hcx``; requests
     (question-choice pairs) per forward pass for ``hf``, lm-eval's meaning.
     """
+    from hcx.errors import require
+
+    require("lm_eval", "eval", package="lm-eval", purpose="hcx eval --backend lm-eval")
     _offline()
     selected = resolve(list(tasks))
     out_dir = Path(out_dir)
