@@ -1,5 +1,6 @@
 # One command each, on a fresh machine: `make test`, `make demo`.
-# Both create .venv if missing and install hcx with its test extras. Machines without
+# Both create .venv if missing and install hcx with its test extras (.[test]: the eval
+# extras, pytest, trl). Machines without
 # an NVIDIA GPU get the CPU build of torch 2.13.0 (never the multi-GB CUDA wheels).
 VENV ?= .venv
 PY := $(VENV)/bin/python

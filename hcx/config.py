@@ -445,7 +445,40 @@ def _deep_merge(base: dict, top: dict) -> dict:
     return out
 
 
-def _load_chain(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict, dict[str, str]]:
+# --- input paths -------------------------------------------------------------------
+# Recipe keys that name inputs which must exist (files, folders, checkpoints, dataset
+# prefixes); ``*`` stands for a list index. Their relative values are made absolute when
+# the recipe is loaded (hcx.paths.resolve_input; docs/recipes.md, "Paths"). Outputs
+# (output_dir, checkpoint.dir, data.cache_dir, data.prepare.output_dir) stay as written:
+# relative to the current directory, where the user chooses to put runs.
+RECIPE_INPUTS = ("data.tokenizer.path", "data.sources.*.path", "data.sources.*.prefix",
+                 "data.prepare.decontaminate.eval_dir", "checkpoint.init_from",
+                 "align.reference", "align.fdpg.scorer")
+REWARD_MODEL_SCORER = "reward-model:"  # align.fdpg.scorer's checkpoint form
+
+
+def _resolve_inputs(node: Any, key: str, recipe_dir: Path | None,
+                    inputs: tuple[str, ...]) -> Any:
+    """``node`` (the value at dotted ``key``) with every input path under it resolved
+    from ``recipe_dir`` (None: the command line)."""
+    from hcx.paths import resolve_input
+
+    if isinstance(node, dict):
+        return {k: _resolve_inputs(v, f"{key}.{k}" if key else str(k), recipe_dir, inputs)
+                for k, v in node.items()}
+    if isinstance(node, list):
+        return [_resolve_inputs(v, f"{key}.*", recipe_dir, inputs) for v in node]
+    if not isinstance(node, str) or key not in inputs:
+        return node
+    if key == "align.fdpg.scorer":  # 'module:function', or 'reward-model:PATH'
+        if not node.startswith(REWARD_MODEL_SCORER):
+            return node
+        return REWARD_MODEL_SCORER + resolve_input(node[len(REWARD_MODEL_SCORER):], recipe_dir)
+    return resolve_input(node, recipe_dir)
+
+
+def _load_chain(path: Path, seen: tuple[Path, ...] = (),
+                inputs: tuple[str, ...] = ()) -> tuple[dict, dict[str, str]]:
     path = path.resolve() if path.is_absolute() else path
     key = path.resolve()
     if key in seen:
@@ -453,12 +486,14 @@ def _load_chain(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict, dict[str
         raise RecipeError(f"{path}: 'base:' inheritance cycle: {chain}")
     data, lines = _read_yaml(path)
     base = data.pop("base", None)
+    if inputs:  # each file's relative paths from its own folder, before merging
+        data = _resolve_inputs(data, "", path.parent, inputs)
     if base is None:
         return data, lines
     if not isinstance(base, str):
         raise RecipeError(f"{lines.get('base', path)}: 'base' must be a path string")
     base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
-    base_data, base_lines = _load_chain(base_path, (*seen, key))
+    base_data, base_lines = _load_chain(base_path, (*seen, key), inputs)
     return _deep_merge(base_data, data), {**base_lines, **lines}
 
 
@@ -528,14 +563,25 @@ def origin_of(key: str, origins: dict[str, str], default: str) -> str:
 
 
 def load_config(path: str | Path, model: type[M], overrides: list[str] | tuple[str, ...] = (),
-                what: str = "recipe") -> tuple[M, dict[str, str]]:
+                what: str = "recipe", inputs: tuple[str, ...] | None = None
+                ) -> tuple[M, dict[str, str]]:
     """Load a YAML file (with ``base:`` chains and ``KEY=VALUE`` overrides) into a pydantic
     model. Errors name ``file:line`` of the key at fault. Returns the model and the origin
-    (``file:line`` or override) of every key, for later checks to cite. Raises RecipeError."""
+    (``file:line`` or override) of every key, for later checks to cite. Raises RecipeError.
+
+    ``inputs``: dotted keys (``*`` = any list index) whose relative paths are made
+    absolute, from the folder of the file that sets them or, for overrides, from the
+    current directory (:func:`hcx.paths.resolve_input`); default: :data:`RECIPE_INPUTS`
+    for recipes, none otherwise."""
     path = Path(path)
-    data, origins = _load_chain(path)
+    if inputs is None:
+        inputs = RECIPE_INPUTS if model is Recipe else ()
+    data, origins = _load_chain(path, inputs=inputs)
     for text in overrides:
         parts, value = parse_override(text)
+        if inputs:
+            value = _resolve_inputs(value, ".".join("*" if p.isdigit() else p for p in parts),
+                                    None, inputs)
         _apply_override(data, parts, value, text)
         origins[".".join(parts)] = f"override {text!r}"
         for i in range(1, len(parts)):  # parents created by the override point at it too
@@ -592,7 +638,12 @@ def validate_recipe(data: dict, origins: dict[str, str], default: str) -> Recipe
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Load, merge, override and validate a training recipe. Raises RecipeError."""
+    """Load, merge, override and validate a training recipe. Raises RecipeError. A path
+    that does not exist may name a shipped recipe (``tiny.yaml``, ``recipes/tiny.yaml``:
+    :func:`hcx.resources.recipe_path`)."""
+    from hcx.resources import recipe_path
+
+    path = recipe_path(path)
     recipe, origins = load_config(path, Recipe, overrides)
     recipe = _with_origins(recipe, origins, str(path))
     refuse(recipe, layout_errors(recipe))

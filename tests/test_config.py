@@ -157,3 +157,60 @@ def test_prepare_settings_are_validated_with_their_origin():
 def test_every_shipped_recipe_validates(path):
     recipe = load_recipe(str(path), [])
     assert recipe.name == path.stem
+
+
+# --- paths: relative input paths are made absolute when the recipe loads ---------------
+
+
+def test_relative_input_paths_come_from_the_recipe_file_not_the_current_directory(
+        tmp_path, monkeypatch):
+    from tests.conftest import ROOT
+
+    project = tmp_path / "project"
+    (project / "recipes").mkdir(parents=True)
+    (project / "tok").mkdir()
+    (project / "tok" / "t.model").write_bytes(b"x")
+    (project / "data").mkdir()
+    (project / "data" / "a.jsonl").write_text("{}\n")
+    (project / "data" / "p.idx").write_bytes(b"")
+    (project / "ckpt").mkdir()
+    base = write(project, "base.yaml", f"base: {TINY}\n"
+                 "data:\n  tokenizer: {kind: sentencepiece, path: tok/t.model}\n"
+                 "  sources:\n    - {name: a, path: data/a.jsonl}\n"
+                 "    - {name: p, prefix: data/p}\n"
+                 "    - {name: g, path: 'data/*.jsonl'}\n"
+                 "    - {name: s, path: 'data://train/pretrain/x.jsonl'}\n"
+                 "checkpoint:\n  init_from: ckpt\n")
+    leaf = write(project / "recipes", "leaf.yaml", "base: ../base.yaml\nname: leaf\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    r = load_recipe(leaf)
+    # set in base.yaml: from base.yaml's folder, whichever file is loaded and from where
+    assert r.data.tokenizer.path == str(project / "tok" / "t.model")
+    assert [s.path or s.prefix for s in r.data.sources] == [
+        str(project / "data" / "a.jsonl"), str(project / "data" / "p"),
+        str(project / "data" / "*.jsonl"), "data://train/pretrain/x.jsonl"]
+    assert r.checkpoint.init_from == str(project / "ckpt")
+    # outputs stay relative to the current directory
+    assert r.output_dir == "runs/tiny"
+    # overrides: from the current directory, as any command-line argument
+    r = load_recipe(leaf, ["data.tokenizer.path=mine/t.model", "checkpoint.init_from=../ckpt"])
+    assert r.data.tokenizer.path == str(elsewhere / "mine" / "t.model")
+    assert r.checkpoint.init_from == str(tmp_path / "ckpt")
+    # the shipped recipes' tokenizer/... from the shipped root; runs/... from the current
+    # directory (where output_dir put them)
+    r = load_recipe(ROOT / "recipes" / "tiny-sft.yaml")
+    assert r.data.tokenizer.path == str(ROOT / "tokenizer" / "hcx-ko-en-32k" / "tokenizer.model")
+    assert r.checkpoint.init_from == str(elsewhere / "runs" / "tiny" / "checkpoints")
+
+
+def test_shipped_recipes_by_name_from_anywhere(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("tiny.yaml", "recipes/tiny.yaml"):
+        r = load_recipe(name)
+        assert r.name == "tiny" and Path(r.data.tokenizer.path).is_file()
+    assert load_recipe("tiny-dpo.yaml").checkpoint.init_from == \
+        str(tmp_path / "runs" / "tiny-sft" / "checkpoints")
+    with pytest.raises(RecipeError, match="not found"):
+        load_recipe("no-such-recipe.yaml")

@@ -21,6 +21,10 @@ checkpoint saved at one TP/PP/DP layout loads at another.
 ``save_weights`` writes a weights-only checkpoint (``hcx import``): the same layout
 without optimizer state or RNG files, read by ``load(..., optimizer=None)``
 (``checkpoint.init_from``, ``hcx export``).
+
+A checkpoint carries its run's tokenizer (``tokenizer/`` in the step directory, named by
+``hcx.json``'s ``tokenizer_path``; :func:`tokenizer_bundle`), so that it opens wherever it
+is moved or copied (see :func:`bundled_tokenizer`).
 """
 
 from __future__ import annotations
@@ -49,6 +53,10 @@ LATEST = "latest"
 OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 # hcx.json's "optimizer" for checkpoints without optimizer state (save_weights).
 WEIGHTS_ONLY = "none"
+# The folder of a step directory that holds the run's tokenizer files, and the key of
+# hcx.json naming the recipe's data.tokenizer.path inside the step directory.
+TOKENIZER_DIR = "tokenizer"
+TOKENIZER_KEY = "tokenizer_path"
 
 
 class CheckpointError(HcxError, RuntimeError):
@@ -199,6 +207,56 @@ def _step_of(path: Path) -> int:
     return int(path.name[len(STEP_PREFIX):].split(".")[0])
 
 
+# --- the tokenizer a checkpoint carries ----------------------------------------------
+# Each step directory holds a copy of the tokenizer (rather than one copy per run folder
+# that checkpoints point back to): the step directory is what every command takes
+# (init_from, hcx eval/export/generate, a reward model), so one that carries its tokenizer
+# opens after the run folder is moved, when only a checkpoint is copied elsewhere, and
+# whatever checkpoint.dir was. The cost is a tokenizer per kept checkpoint (0.5 MB for
+# the shipped one, tens of MB for the largest HF vocabularies; weights are GBs), pruned
+# with the checkpoints.
+
+
+@dataclass
+class TokenizerBundle:
+    """The tokenizer files a run uses, read once when it starts (so a tokenizer replaced
+    at its path during the run is not what its checkpoints carry)."""
+
+    files: dict[str, bytes]  # file name -> contents
+    entry: str  # what data.tokenizer.path names among them ("" = the folder)
+
+    @property
+    def path(self) -> str:
+        """``hcx.json``'s ``tokenizer_path``: relative to the step directory."""
+        return f"{TOKENIZER_DIR}/{self.entry}" if self.entry else TOKENIZER_DIR
+
+    def write(self, step_dir: Path) -> None:
+        folder = step_dir / TOKENIZER_DIR
+        folder.mkdir(exist_ok=True)
+        for name, data in self.files.items():
+            (folder / name).write_bytes(data)
+
+
+def tokenizer_bundle(config) -> TokenizerBundle | None:
+    """The files of a recipe's ``data.tokenizer``, read now; None for ``bytes`` (no file)."""
+    from hcx.tokenizer.loading import tokenizer_files
+
+    files, entry = tokenizer_files(config)
+    if not files:
+        return None
+    return TokenizerBundle({f.name: f.read_bytes() for f in files}, entry)
+
+
+def bundled_tokenizer(step_dir: Path, meta: dict[str, Any]) -> Path | None:
+    """The tokenizer a checkpoint carries, or None (checkpoints of earlier hcx versions,
+    and of runs with the ``bytes`` tokenizer, carry none)."""
+    rel = meta.get(TOKENIZER_KEY)
+    if not rel:
+        return None
+    path = Path(step_dir) / rel
+    return path if path.exists() else None
+
+
 # --- save / load -------------------------------------------------------------------
 
 
@@ -238,8 +296,10 @@ def _seal(tmp: Path, meta: dict[str, Any]) -> None:
 
 
 def save(ckpt_dir: Path, step: int, model, optimizer, scheduler,
-         extra: dict[str, Any], keep_last: int) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint path."""
+         extra: dict[str, Any], keep_last: int,
+         tokenizer: TokenizerBundle | None = None) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint path. ``tokenizer``
+    (needed on rank 0 only) is written into the checkpoint."""
     from megatron.core import dist_checkpointing
 
     final = ckpt_dir / step_dir_name(step)
@@ -255,9 +315,12 @@ def save(ckpt_dir: Path, step: int, model, optimizer, scheduler,
         n_rng = len(list((tmp / "rng").glob("rank_*.pt")))
         if n_rng != _world():
             raise CheckpointError(f"{tmp}: {n_rng} RNG files for {_world()} ranks")
-        _seal(tmp, {"step": step, "world_size": _world(),
-                    "optimizer": _optimizer_kind(optimizer),
-                    "scheduler": scheduler.state_dict(), **extra})
+        meta = {"step": step, "world_size": _world(), "optimizer": _optimizer_kind(optimizer),
+                "scheduler": scheduler.state_dict(), **extra}
+        if tokenizer is not None:
+            tokenizer.write(tmp)
+            meta[TOKENIZER_KEY] = tokenizer.path
+        _seal(tmp, meta)
         if final.exists():  # re-saving a step (e.g. after an earlier crash): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -275,7 +338,8 @@ def save(ckpt_dir: Path, step: int, model, optimizer, scheduler,
     return final
 
 
-def save_weights(path: Path, model, extra: dict[str, Any]) -> Path:
+def save_weights(path: Path, model, extra: dict[str, Any],
+                 tokenizer: TokenizerBundle | None = None) -> Path:
     """Collective: a checkpoint of the model weights only (step 0; no optimizer, scheduler
     or RNG state), as ``hcx import`` writes. ``load(path, model)`` with no optimizer reads
     it, which is what ``checkpoint.init_from``, ``hcx export`` and inference do; it cannot
@@ -293,8 +357,12 @@ def save_weights(path: Path, model, extra: dict[str, Any]) -> Path:
         tmp.mkdir(parents=True)
 
     def finalize():
-        _seal(tmp, {"step": 0, "world_size": _world(), "optimizer": WEIGHTS_ONLY,
-                    "consumed_samples": 0, **extra})
+        meta = {"step": 0, "world_size": _world(), "optimizer": WEIGHTS_ONLY,
+                "consumed_samples": 0, **extra}
+        if tokenizer is not None:
+            tokenizer.write(tmp)
+            meta[TOKENIZER_KEY] = tokenizer.path
+        _seal(tmp, meta)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
 

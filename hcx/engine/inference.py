@@ -21,16 +21,26 @@ class CheckpointOpenError(HcxError, ValueError):
 
 
 def checkpoint_recipe(ckpt: Path) -> Recipe:
-    """The recipe a checkpoint was trained with (recorded in its metadata)."""
+    """The recipe a checkpoint was trained with (recorded in its metadata), its tokenizer
+    the copy the checkpoint carries when it has one (so a checkpoint opens wherever it
+    was moved or copied to), else the recorded path."""
     from hcx.engine import checkpoint
 
+    ckpt = Path(ckpt)
     meta_file = ckpt / checkpoint.META
     if not meta_file.is_file():
         raise CheckpointOpenError(f"{ckpt}: not an hcx checkpoint (no {checkpoint.META})")
-    saved = json.loads(meta_file.read_text()).get("recipe")
+    meta = json.loads(meta_file.read_text())
+    saved = meta.get("recipe")
     if not saved:
         raise CheckpointOpenError(f"{ckpt}: the checkpoint does not record its recipe")
-    return Recipe.model_validate(saved)
+    recipe = Recipe.model_validate(saved)
+    carried = checkpoint.bundled_tokenizer(ckpt, meta)
+    if carried is not None and recipe.data.tokenizer.kind != "bytes":
+        tokenizer = recipe.data.tokenizer.model_copy(update={"path": str(carried)})
+        recipe = recipe.model_copy(update={
+            "data": recipe.data.model_copy(update={"tokenizer": tokenizer})})
+    return recipe
 
 
 def inference_recipe(recipe: Recipe, tp: int = 1) -> Recipe:

@@ -111,6 +111,8 @@ class Engine:
     start_step: int = 0
     consumed_samples: int = 0  # data position at start_step
     resumed: dict[str, Any] | None = None  # the metadata of the checkpoint resumed from
+    # The tokenizer files each checkpoint carries (rank 0; None: bytes, or other ranks).
+    tokenizer_files: ckpt.TokenizerBundle | None = None
 
     def first_sample(self, step: int) -> int:
         """The data position at the start of (0-based) ``step``: samples consumed so far."""
@@ -308,7 +310,7 @@ def train(engine: Engine, task: TrainingTask,
         if state:
             extra["task_state"] = state
         path = ckpt.save(r.checkpoint_dir, done, engine.model, engine.optimizer, engine.scheduler,
-                         extra, r.checkpoint.keep_last)
+                         extra, r.checkpoint.keep_last, tokenizer=engine.tokenizer_files)
         if logger:
             logger.write(f"checkpoint: saved {path}")
 

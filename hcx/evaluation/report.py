@@ -614,7 +614,9 @@ def _png(fig) -> str:
 
 def render_plots(data: dict) -> dict[str, str]:
     """base64 PNGs: ``categories`` (KO and EN panels) and ``tasks`` (per-task primary)."""
-    import matplotlib
+    from hcx.errors import require
+
+    matplotlib = require("matplotlib", "eval", purpose="the report's plots")
     from matplotlib.figure import Figure  # Agg canvas on savefig; pyplot's backend untouched
 
     labels = [c["label"] for c in data["checkpoints"]]

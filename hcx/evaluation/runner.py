@@ -15,13 +15,13 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from hcx import __version__ as HCX_VERSION  # the installed package's (pyproject.toml)
 from hcx.evaluation import kinds
 from hcx.evaluation.models import LanguageModel
 from hcx.evaluation.tasks import Task, load_docs
 from hcx.files import write_text_atomic
 
 FORMAT = 1
-HCX_VERSION = "0.1.0"
 
 
 def checkpoint_step(model: LanguageModel) -> int | None:

@@ -1,6 +1,7 @@
 """Benchmark tasks and suites as data.
 
-A task is one YAML file in ``eval/tasks/`` (see docs/eval.md): where its examples come
+A task is one YAML file in ``eval/tasks/`` (see docs/eval.md; shipped with the package, found
+by :mod:`hcx.resources`): where its examples come
 from (JSON Lines files under the data root, or a Hugging Face Hub dataset), Jinja
 templates that turn an example ("doc") into a prompt, choices and a target, the few-shot
 setup, the task kind (how it is scored) and its metrics. Label formats differ between
@@ -27,10 +28,8 @@ from pydantic import Field, model_validator
 
 from hcx.config import RecipeError, Strict, load_config
 from hcx.errors import HcxError
-from hcx.paths import PROJECT_ROOT, data_root
-
-TASKS_DIR = PROJECT_ROOT / "eval" / "tasks"
-SUITES_DIR = PROJECT_ROOT / "eval" / "suites"
+from hcx.paths import data_root
+from hcx.resources import shipped_file, suites_dir, tasks_dir
 
 Kind = Literal["multiple_choice", "generation", "translation", "bias", "code", "ifeval"]
 
@@ -175,7 +174,9 @@ def _index_where(items: list, wanted) -> int:
 
 
 def _environment():
-    import jinja2
+    from hcx.errors import require
+
+    jinja2 = require("jinja2", "eval", package="Jinja2", purpose="task prompt templates")
 
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
                              autoescape=False)
@@ -249,29 +250,32 @@ def _doc_id(doc: dict) -> str:
 
 
 def available_tasks() -> list[str]:
-    return sorted(p.stem for p in TASKS_DIR.glob("*.yaml"))
+    return sorted(p.stem for p in tasks_dir().glob("*.yaml"))
 
 
 def available_suites() -> list[str]:
-    return sorted(p.stem for p in SUITES_DIR.glob("*.yaml"))
+    return sorted(p.stem for p in suites_dir().glob("*.yaml"))
 
 
 def _unknown(name: str) -> TaskError:
     known = available_tasks() + available_suites()
     close = difflib.get_close_matches(name, known, n=3)
     hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
-    return TaskError(f"unknown task or suite {name!r}{hint}; tasks live in {TASKS_DIR}, "
-                     f"suites in {SUITES_DIR}; `hcx eval --list` shows them")
+    return TaskError(f"unknown task or suite {name!r}{hint}; tasks live in {tasks_dir()}, "
+                     f"suites in {suites_dir()}; `hcx eval --list` shows them")
 
 
 def load_task(name_or_path: str) -> Task:
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
-        path = TASKS_DIR / f"{name_or_path}.yaml"
+        path = tasks_dir() / f"{name_or_path}.yaml"
         if not path.is_file():
             raise _unknown(name_or_path)
     elif not path.is_file():
-        raise TaskError(f"{path}: no such task file")
+        shipped = shipped_file(path)  # eval/tasks/x.yaml named from outside a checkout
+        if shipped is None or not shipped.is_file():
+            raise TaskError(f"{path}: no such task file")
+        path = shipped
     try:
         spec, _ = load_config(path, TaskSpec, what="task")
     except RecipeError as e:
@@ -281,13 +285,13 @@ def load_task(name_or_path: str) -> Task:
 
 def suite_members(name: str, seen: tuple[str, ...] = ()) -> list[str]:
     """The task names of a suite, nested suites expanded, in order, without repeats."""
-    path = SUITES_DIR / f"{name}.yaml"
+    path = suites_dir() / f"{name}.yaml"
     if name in seen:
         raise TaskError(f"suite {name!r} includes itself (via {' -> '.join(seen)})")
     data = yaml.safe_load(path.read_text()) or {}
     names: list[str] = []
     for entry in data.get("tasks", []):
-        members = suite_members(entry, (*seen, name)) if (SUITES_DIR / f"{entry}.yaml").is_file() \
+        members = suite_members(entry, (*seen, name)) if (suites_dir() / f"{entry}.yaml").is_file() \
             else [entry]
         names += [m for m in members if m not in names]
     return names
@@ -300,9 +304,9 @@ def resolve_tasks(names: list[str]) -> list[Task]:
     for n in flat:
         if n.endswith((".yaml", ".yml")):
             members = [n]
-        elif (SUITES_DIR / f"{n}.yaml").is_file():
+        elif (suites_dir() / f"{n}.yaml").is_file():
             members = suite_members(n)
-        elif (TASKS_DIR / f"{n}.yaml").is_file():
+        elif (tasks_dir() / f"{n}.yaml").is_file():
             members = [n]
         else:
             raise _unknown(n)

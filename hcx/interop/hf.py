@@ -540,9 +540,9 @@ def _stub_yaml(stub: dict, hf_dir: Path, out: Path) -> str:
 #     sources:
 #       - {{name: ko_web, language: ko, path: "data://train/pretrain/..."}}
 #
-# then run 'hcx pretrain my-run.yaml'. A relative base: is taken from the folder of the
-# recipe naming it; all other recipe paths from the current directory, so the paths
-# written here are absolute.
+# then run 'hcx pretrain my-run.yaml'. Relative paths in a recipe file (base:, the
+# tokenizer, init_from) are taken from that file's folder, so the tokenizer and the
+# checkpoint below are this folder's own, wherever it is moved.
 {section("name")}{section("output_dir")}
 # From {hf_dir / "config.json"}; the weights only load into this shape.
 {section("model")}
@@ -564,6 +564,7 @@ def import_hf(hf_dir: Path, out: Path, tp: int = 1, pp: int = 1, log=print) -> P
     from at ``tp``/``pp``). The config, layout, tokenizer and every tensor are checked
     before ``out`` is touched, and ``out`` appears complete or not at all. Returns the
     stub's path."""
+    from hcx.config import TokenizerConfig
     from hcx.engine import checkpoint
     from hcx.engine import parallel
     from hcx.engine.inference import inference_recipe
@@ -580,6 +581,11 @@ def import_hf(hf_dir: Path, out: Path, tp: int = 1, pp: int = 1, log=print) -> P
     stub, recipe = recipe_from_hf(config, name=hf_dir.name, tp=tp, pp=pp,
                                   tokenizer={"kind": kind, "path": str(out / TOKENIZER_DIR / file)},
                                   init_from=str(out / CHECKPOINT_DIR), source=str(config_file))
+    # recipe.yaml names this folder's files relatively (they resolve from its folder); the
+    # recipe recorded in the checkpoint keeps the absolute paths (and the checkpoint
+    # carries its tokenizer: hcx.engine.checkpoint.tokenizer_bundle).
+    stub["data"]["tokenizer"] = {"kind": kind, "path": f"{TOKENIZER_DIR}/{file}".rstrip("/")}
+    stub["checkpoint"] = {"init_from": CHECKPOINT_DIR}
     _refuse_to_overwrite(out)
     model, vocab = recipe.model, recipe.model.vocab_size
     with _building(out) as tmp:
@@ -600,9 +606,12 @@ def import_hf(hf_dir: Path, out: Path, tp: int = 1, pp: int = 1, log=print) -> P
                      if not isinstance(v, torch.Tensor)}  # megatron's _extra_state entries
             engine.model.load_state_dict({**extra, **state}, strict=True)
             del state
+            carried = checkpoint.tokenizer_bundle(TokenizerConfig(
+                kind=kind, path=str(tmp / TOKENIZER_DIR / file)))
             checkpoint.save_weights(tmp / CHECKPOINT_DIR, engine.model, {
                 "recipe": recipe.to_dict(),
-                "imported_from": {"hf_dir": str(hf_dir), "model_type": config["model_type"]}})
+                "imported_from": {"hf_dir": str(hf_dir), "model_type": config["model_type"]}},
+                tokenizer=carried)
         finally:
             parallel.shutdown()
         (tmp / STUB).write_text(_stub_yaml(stub, hf_dir, out), encoding="utf-8")

@@ -89,8 +89,10 @@ class PipelineSpec(Strict):
 
 
 def load_pipeline(path: str | Path) -> PipelineSpec:
+    from hcx.resources import recipe_path
+
     try:
-        spec, _ = load_config(path, PipelineSpec, what="pipeline")
+        spec, _ = load_config(recipe_path(path), PipelineSpec, what="pipeline")
     except RecipeError as e:
         raise PipelineError(str(e)) from None
     return spec
@@ -135,9 +137,11 @@ def _substitute(word: str, values: dict[str, str], stage: str) -> str:
 def _named_files(word: str) -> list[Path]:
     """Files a command word names: the word itself, or the value of KEY=VALUE; a YAML
     file brings its ``base:`` chain (a recipe's settings live in all of them)."""
+    from hcx.resources import recipe_path
+
     text = word.split("=", 1)[1] if "=" in word and not word.startswith("-") else word
-    path = Path(text)
     try:
+        path = recipe_path(text) if text.endswith((".yaml", ".yml")) else Path(text)
         if not path.is_file():
             return []
     except OSError:  # a word too long to be a path

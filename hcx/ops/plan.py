@@ -741,8 +741,10 @@ def plan_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
     micro batch x DP, ...) become ``Plan.problems`` with the recipe's own messages."""
     from hcx.config import layout_errors, origin_of
 
+    from hcx.resources import recipe_path
+
     overrides = list(overrides)
-    recipe, _ = load_config(path, Recipe, overrides)
+    recipe, _ = load_config(recipe_path(path), Recipe, overrides)
     notes = []
     if gpus is not None:
         if gpus <= 0:

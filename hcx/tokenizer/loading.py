@@ -191,6 +191,26 @@ def _is_tiktoken_ranks(path: Path) -> bool:
 # Where transformers records the special tokens beside a tokenizer.json, in its order of
 # precedence (older directories name them in special_tokens_map.json only).
 SPECIAL_TOKEN_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+# Every file open_tokenizer may read in a tokenizer directory (what a checkpoint copies:
+# hcx.engine.checkpoint.tokenizer_bundle), and the extra ones transformers reads.
+TOKENIZER_DIR_FILES = ("tokenizer.json", "tokenizer.json.xz", "vocab.json", "merges.txt",
+                       "encoder.json", "vocab.bpe", "tokenizer.model", "spiece.model",
+                       *SPECIAL_TOKEN_FILES, "added_tokens.json", "chat_template.jinja")
+
+
+def tokenizer_files(config: TokenizerConfig) -> tuple[list[Path], str]:
+    """The files that make up the recipe's tokenizer, and what ``data.tokenizer.path``
+    names among them (a file's name; "" for a directory); none for ``bytes``."""
+    if config.kind == "bytes" or not config.path:
+        return [], ""
+    path = resolve(config.path)
+    if not path.exists():
+        raise TokenizerLoadError(f"data.tokenizer: {config.path} does not exist")
+    if path.is_dir():
+        return [path / n for n in TOKENIZER_DIR_FILES if (path / n).is_file()], ""
+    beside = [path.parent / n for n in SPECIAL_TOKEN_FILES
+              if n != path.name and (path.parent / n).is_file()]
+    return [path, *beside], path.name
 
 
 def _special_names(directory: Path) -> tuple[str | None, str | None]:

@@ -81,7 +81,9 @@ def test_cluster_recipe_validates_and_its_layout_divides(path, capsys):
         assert r.model.model_dump(exclude={"rope_base", "max_position_embeddings"}) == \
             stage1.model.model_dump(exclude={"rope_base", "max_position_embeddings"})
         assert r.parallel == stage1.parallel and t.recompute
-        assert r.checkpoint.init_from == f"runs/{base}/checkpoints"
+        # an input: made absolute at load time, from the current directory (where stage 1's
+        # output_dir put its run); the prepared data is an output path and stays as written
+        assert r.checkpoint.init_from == str(Path.cwd() / "runs" / base / "checkpoints")
         assert r.data.prepare.output_dir == f"runs/{base}/data_cache/prepared"
         assert t.lr == stage1.train.min_lr and t.steps * tokens <= 0.05 * stage1.train.steps * \
             stage1.train.global_batch_size * stage1.data.seq_length

@@ -400,6 +400,9 @@ def run_lm_eval(model_path, tasks: list[str], out_dir: Path, limit: int | None =
     names it. ``batch_size``: questions per forward pass for ``hcx``; requests
     (question-choice pairs) per forward pass for ``hf``, lm-eval's meaning.
     """
+    from hcx.errors import require
+
+    require("lm_eval", "eval", package="lm-eval", purpose="hcx eval --backend lm-eval")
     _offline()
     selected = resolve(list(tasks))
     out_dir = Path(out_dir)
@@ -482,9 +485,6 @@ def run_lm_eval(model_path, tasks: list[str], out_dir: Path, limit: int | None =
 
 
 def _hcx_version() -> str:
-    try:
-        from hcx.evaluation.runner import HCX_VERSION
+    from hcx import __version__
 
-        return HCX_VERSION
-    except ImportError:  # pragma: no cover
-        return "0.1.0"
+    return __version__
