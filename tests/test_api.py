@@ -26,7 +26,10 @@ def test_docs_example_runs(tmp_path):
     proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    lines = proc.stdout.splitlines()
+    out = proc.stdout.splitlines()
+    at = [i for i, line in enumerate(out) if line.startswith("step 2: loss")]
+    assert at, out
+    lines = out[at[-1]:]  # the example's own prints (the stages log before them)
     assert re.fullmatch(r"step 2: loss \d+\.\d{3}", lines[0]), lines
     assert "'value'" in lines[1] and "'stderr'" in lines[1], lines
     assert lines[2].endswith("report.md") and (tmp_path / lines[2]).is_file()
