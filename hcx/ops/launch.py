@@ -191,6 +191,9 @@ def plan(recipe_path: str, overrides: list[str] | tuple[str, ...],
                      f"the recipe says dp {p.dp}. Same global batch "
                      f"({recipe.train.global_batch_size} sequences), "
                      f"{recipe.num_microbatches} micro-batches per step")
+    from hcx.stages import stage_for
+
+    recipe = stage_for(options.stage, recipe).resolve(recipe)  # the stage's rules, file:line
     if p.tp > options.gpus_per_node or options.gpus_per_node % p.tp:
         notes.append(f"warning: parallel.tp={p.tp} does not divide {options.gpus_per_node} GPUs "
                      "per node, so tensor-parallel groups cross nodes (slow): keep tp a "

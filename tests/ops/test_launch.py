@@ -386,3 +386,12 @@ def test_tiny_recipe_trains_through_launched_torchrun_and_a_restart_resumes(tmp_
     assert f"resumed from {run}/checkpoints/step_00000002 at step 2" in log   # the restart
     assert "nothing to do: the run is already at step 2" in log
     assert list((run / "logs" / "ranks").rglob("attempt_1"))
+
+
+def test_launch_applies_the_stage_rules_before_writing_anything(tmp_path):
+    options = LaunchOptions(nodes=1, gpus_per_node=2, scheduler="torchrun", stage="align",
+                            workdir=str(tmp_path))
+    with pytest.raises(RecipeError, match=r"override 'parallel.pp=2': parallel.pp: "
+                                          r"align.method=fdpg samples through"):
+        plan(str(RECIPES / "tiny-fdpg.yaml"), ["parallel.pp=2"], options)
+    assert not list(tmp_path.iterdir())
