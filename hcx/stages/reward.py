@@ -406,10 +406,10 @@ def load_reward_model(path, layout=None, log=print) -> RewardModel:
     path = ckpt.checkpoint_path(Path(path))
     saved = checkpoint_recipe(path)
     if recipe_method(saved) != "reward":
-        raise RewardError(
-            f"{path} is not a reward model checkpoint: its recipe has align.method="
-            f"{recipe_method(saved)} (SFT and pretraining checkpoints record none, or the "
-            "default, dpo); train one with `hcx align` and align.method: reward")
+        has = (f"align.method={recipe_method(saved)}" if saved.align is not None
+               else "no align section (an SFT or pretraining run)")
+        raise RewardError(f"{path} is not a reward model checkpoint: its recipe has {has}; "
+                          "train one with `hcx align` and align.method: reward")
     if not ps.model_parallel_is_initialized():
         from hcx.config import ParallelConfig
         from hcx.engine.parallel import initialize

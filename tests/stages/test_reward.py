@@ -89,6 +89,11 @@ def test_scoring_refuses_a_language_model_checkpoint(tmp_path):
 
     saved = load_recipe(ROOT / "recipes" / "tiny-sft.yaml").to_dict()
     (ckpt / "hcx.json").write_text(json.dumps({"step": 1, "recipe": saved}))
+    with pytest.raises(RewardError, match="not a reward model checkpoint.*no align section"):
+        load_reward_model(ckpt)
+    # checkpoints of earlier versions record every section, align.method=dpo by default
+    saved["align"] = {"method": "dpo"}
+    (ckpt / "hcx.json").write_text(json.dumps({"step": 1, "recipe": saved}))
     with pytest.raises(RewardError, match="not a reward model checkpoint.*align.method=dpo"):
         load_reward_model(ckpt)
 
