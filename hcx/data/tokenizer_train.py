@@ -91,7 +91,10 @@ class TokenizerSpec(Strict):
 
 
 def load_spec(path: str | Path, overrides: list[str] = ()) -> TokenizerSpec:
-    spec, _ = load_config(path, TokenizerSpec, overrides, what="tokenizer spec")
+    """A tokenizer spec; its relative source paths resolve as a recipe's inputs do (from the
+    spec's folder; docs/recipes.md, "Paths"), never from wherever the command runs."""
+    spec, _ = load_config(path, TokenizerSpec, overrides, what="tokenizer spec",
+                          inputs=("sources.*.path",))
     return spec
 
 
