@@ -43,7 +43,7 @@ def add_parsers(sub) -> None:
                     "at the stated MFU. Flags layouts that do not fit in 90% of the GPU's "
                     "memory, naming the largest part and layouts of the same GPUs that fit. "
                     "train.precision=auto is planned as bf16. Formulas and sources: "
-                    "hcx/ops/plan.py and docs/recipes.md.",
+                    "hcx/ops/plan/ and docs/recipes.md.",
         epilog="exit status: 0 fits, 3 does not fit, 2 invalid recipe or layout (heads or "
                "query groups not divisible by TP, layers by PP, global batch by micro batch "
                "x DP, ...), 1 bad arguments")

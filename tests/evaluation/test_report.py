@@ -256,13 +256,13 @@ def test_html_renders_in_chromium(report, tmp_path):
 def test_plots_without_a_hangul_font_stay_ascii(tmp_path, monkeypatch):
     """Without a Hangul-capable font, labels such as the category 문화 are made ASCII rather
     than drawn as missing glyphs (no warnings either way; the fixture covers the other case)."""
-    from hcx.evaluation import report as report_mod
+    from hcx.evaluation.report import merge_runs, plots
 
-    monkeypatch.setattr(report_mod, "_cjk_font", lambda: None)
-    assert report_mod._plot_label("문화 culture", cjk=False) == "? culture"
+    monkeypatch.setattr(plots, "cjk_font", lambda: None)
+    assert plots.plot_label("문화 culture", cjk=False) == "? culture"
     runs = [load_run(p) for p in _runs(tmp_path)]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        pngs = report_mod.render_plots(report_mod.merge_runs(runs))
+        pngs = plots.render_plots(merge_runs(runs))
     assert set(pngs) == {"categories", "tasks"}
     assert not [w for w in caught if "glyph" in str(w.message).lower()]
