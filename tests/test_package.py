@@ -88,6 +88,7 @@ def test_the_wheel_carries_tasks_tokenizer_and_recipes(wheel):
         assert want and want <= shipped, (pattern, sorted(want - shipped))
     assert "tokenizer/hcx-ko-en-32k/tokenizer.model" in shipped
     assert "hcx-lm-eval.pth" in names  # lm_eval --model hcx (setup.py)
+    assert "hcx/evaluation/templates/report.html.j2" in names  # the report page
     assert "hcx/resources.py" in names and not any("__pycache__" in n for n in names)
 
 
