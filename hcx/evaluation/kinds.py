@@ -8,6 +8,7 @@ of continuations, and greedy generations.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from hcx.evaluation.metrics import (BiasRecord, MetricValue, bias_scores, gsm8k_extract, gsm8k_gold,
@@ -91,7 +92,9 @@ def score_choices(task: Task, docs: list[dict], model: LanguageModel) -> list[di
     return records
 
 
-def multiple_choice(task: Task, docs: list[dict], model: LanguageModel) -> Outcome:
+def multiple_choice(task: Task, docs: list[dict], model: LanguageModel, chat: bool = False) -> Outcome:
+    if task.spec.mode == "generate":
+        return choice_generation(task, docs, model, chat)
     records = score_choices(task, docs, model)
     wanted = task.spec.metrics
     for rec, doc in zip(records, docs):
@@ -103,6 +106,133 @@ def multiple_choice(task: Task, docs: list[dict], model: LanguageModel) -> Outco
             rec["labels"] = [int(x) for x in task.expr("labels", doc)]
             rec["mc2"] = truthfulqa_mc2(rec["loglikelihoods"], rec["labels"])
     metrics = {m: MetricValue(*mean_stderr([r[m] for r in records])) for m in wanted}
+    return Outcome(records, metrics)
+
+
+# --- multiple choice by generation --------------------------------------------------
+
+# An answer cue ending a prompt ("\nAnswer:", "\n정답:"): the generate-mode question drops
+# it, since the cue follows the options.
+_CUE_END = re.compile(r"(?:^|(?<=\s))(?:Answer|A|정답|답|답변)\s*[:：]\s*$")
+
+
+def _style(task: Task) -> str:
+    g = task.spec.generate
+    return g.labels or ("circled" if task.spec.language == "ko" else "letters")
+
+
+def _gen_choices(task: Task, doc: dict) -> tuple[str, list[str], int]:
+    """(question, option texts, gold index) of a doc as generate mode asks it."""
+    from hcx.evaluation.choice import LETTERS
+
+    spec, g = task.spec, task.spec.generate
+    if spec.contexts is not None:
+        cont = task.prompt(doc)
+        choices = [str(c) for c in task.expr("contexts", doc)]
+        default = [c + spec.target_delimiter + cont for c in choices]
+    else:
+        choices = [str(c) for c in task.expr("choices", doc)]
+        default = choices
+    gold = _index(task, doc, task.expr("target", doc), choices)
+    if g.options is not None:
+        options = [str(o) for o in task.expr("generate.options", doc)]
+        if len(options) != len(choices):
+            raise TaskError(f"task {task.name}: generate.options gave {len(options)} options for "
+                            f"doc {doc['__where__']}, which has {len(choices)} choices")
+    else:
+        if len(choices) > 1 and choices == list(LETTERS[:len(choices)]):
+            raise TaskError(f"task {task.name}: its choices are the labels {choices} (the prompt "
+                            f"lists the options); mode generate needs the option texts: set "
+                            f"generate.options (and generate.question) in {task.file}")
+        options = default
+    if g.question is not None:
+        question = task.template("generate.question", g.question, doc)
+    elif spec.contexts is not None:
+        question = ""
+    else:
+        question = _CUE_END.sub("", task.prompt(doc)).rstrip()
+    return question, options, gold
+
+
+def _gen_prompt(task: Task, question: str, options: list[str]) -> str:
+    from hcx.evaluation.choice import DEFAULT_CUE, render_options
+
+    g = task.spec.generate
+    cue = g.cue if g.cue is not None else DEFAULT_CUE.get(task.spec.language, "Answer:")
+    head = question + "\n" if question else ""
+    return head + render_options(options, _style(task)) + "\n" + cue
+
+
+def choice_prompts(task: Task, doc: dict, shots: FewShot | None = None) -> dict:
+    """What generate mode asks of one doc: ``prompt`` (options in their own order) and,
+    with ``shuffle_seed``, ``shuffled_prompt`` with ``order`` (position i shows option
+    order[i]) and ``shuffled_gold``; ``options``, ``gold``."""
+    from hcx.evaluation.choice import labels_for, shuffle_order
+
+    spec, g = task.spec, task.spec.generate
+    shots = shots or FewShot(task)
+    prefix = ""
+    if spec.fewshot.n or spec.preamble:
+        parts = []
+        for s in shots.examples(doc):
+            q, opts, gold = _gen_choices(task, s)
+            parts.append(_gen_prompt(task, q, opts) + " " + labels_for(_style(task), len(opts))[gold]
+                         + spec.fewshot.separator)
+        preamble = task.template("preamble", spec.preamble, doc) if spec.preamble else ""
+        prefix = preamble + "".join(parts)
+    suffix = " " + g.cot if g.cot else ""
+    question, options, gold = _gen_choices(task, doc)
+    out = {"prompt": prefix + _gen_prompt(task, question, options) + suffix,
+           "options": options, "gold": gold}
+    if g.shuffle_seed is not None:
+        order = shuffle_order(len(options), g.shuffle_seed, doc["__where__"])
+        out.update(order=order, shuffled_gold=order.index(gold),
+                   shuffled_prompt=prefix + _gen_prompt(task, question, [options[j] for j in order])
+                   + suffix)
+    return out
+
+
+def choice_generation(task: Task, docs: list[dict], model: LanguageModel, chat: bool = False) -> Outcome:
+    """Multiple choice by generation: the options listed, the answer generated greedily
+    and read back (hcx.evaluation.choice); unparseable answers count as wrong and are
+    reported as ``unparseable``. With ``shuffle_seed`` the questions are asked twice,
+    options shuffled (``acc``) and in their own order (``acc_unshuffled``)."""
+    from hcx.evaluation.choice import DEFAULT_ANSWER_PATTERN, extract_choice
+
+    spec, g = task.spec, task.spec.generate
+    shots = FewShot(task)
+    asked = [choice_prompts(task, doc, shots) for doc in docs]
+    shuffled = g.shuffle_seed is not None
+    steps = g.max_new_tokens or (512 if g.cot else 16)
+    stop = tuple(g.stop if g.stop is not None else ([] if g.cot else ["\n"]))
+    prompts = [a["prompt"] for a in asked] + ([a["shuffled_prompt"] for a in asked] if shuffled else [])
+    texts = model.generate([GenerationRequest(p, steps, stop, chat) for p in prompts], desc=task.name)
+    pattern = g.answer_pattern or (DEFAULT_ANSWER_PATTERN if g.cot else None)
+    style = _style(task)
+    records = []
+    for i, (doc, a) in enumerate(zip(docs, asked)):
+        labels = [int(x) for x in task.expr("labels", doc)] if spec.labels is not None else None
+
+        def read(text: str, order: list[int]) -> tuple[int | None, float]:
+            shown = extract_choice(text, [a["options"][j] for j in order], style, pattern)
+            pred = None if shown is None else order[shown]  # back to the option's own index
+            ok = pred is not None and (labels[pred] == 1 if labels else pred == a["gold"])
+            return pred, float(ok)
+
+        identity = list(range(len(a["options"])))
+        pred, ok = read(texts[i], identity)
+        rec = {"doc": doc["__where__"], "prompt": a["prompt"], "options": a["options"],
+               "target": a["gold"], "output": texts[i], "pred": pred,
+               "acc": ok, "unparseable": float(pred is None)}
+        if shuffled:
+            s_pred, s_ok = read(texts[len(docs) + i], a["order"])
+            rec.update(acc_unshuffled=ok, unparseable_unshuffled=rec["unparseable"],
+                       shuffled_prompt=a["shuffled_prompt"], order=a["order"],
+                       shuffled_output=texts[len(docs) + i], pred_unshuffled=pred,
+                       pred=s_pred, acc=s_ok, unparseable=float(s_pred is None))
+        records.append(rec)
+    metrics = {m: MetricValue(*mean_stderr([r[m] for r in records]), m != "unparseable")
+               for m in spec.metrics}
     return Outcome(records, metrics)
 
 
@@ -231,7 +361,7 @@ def ifeval(task: Task, docs: list[dict], model: LanguageModel, chat: bool = Fals
 def run(task: Task, docs: list[dict], model: LanguageModel, chat: bool = False) -> Outcome:
     kind = task.spec.kind
     if kind == "multiple_choice":
-        return multiple_choice(task, docs, model)
+        return multiple_choice(task, docs, model, chat)
     if kind == "bias":
         return bias(task, docs, model)
     if kind == "code":
