@@ -11,9 +11,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from hcx.evaluation.metrics import (BiasRecord, MetricValue, bias_scores, gsm8k_extract, gsm8k_gold,
-                                    korquad_em, korquad_f1, mc_predictions, mean_stderr, squad_em,
-                                    squad_f1, translation_scores, translation_signature, truthfulqa_mc2)
+from hcx.evaluation.metrics import (BiasRecord, MetricValue, answer_key, bias_scores, gsm8k_extract, gsm8k_gold, korquad_em, korquad_f1,
+                                    maj_at_k, majority_vote, mc_predictions, mean_stderr,
+                                    pass_at_k_over_problems, squad_em, squad_f1, translation_scores,
+                                    translation_signature, truthfulqa_mc2)
 from hcx.evaluation.models import ChoiceRequest, GenerationRequest, LanguageModel, encode_choices
 from hcx.evaluation.tasks import FewShot, Task, TaskError
 
@@ -268,18 +269,46 @@ def bias(task: Task, docs: list[dict], model: LanguageModel) -> Outcome:
 
 
 def _generate(task: Task, docs: list[dict], model: LanguageModel, chat: bool) -> list[dict]:
+    """One record per doc with its ``prompt`` and ``output``; with ``generation.samples``
+    k > 1 also ``outputs``, the k sampled texts (``output`` is the first). Request j of
+    the run carries seed ``generation.seed + j``."""
     spec = task.spec
+    gen = spec.generation
     shots = FewShot(task)
 
     def answer(shot: dict) -> str:
         text = task.expr("fewshot.target", shot) if spec.fewshot.target else task.expr("target", shot)
         return spec.target_delimiter + str(text if isinstance(text, str) else text[0])
 
+    k = gen.samples
     prompts = [shots.prefix(doc, answer) + task.prompt(doc) for doc in docs]
-    texts = model.generate([GenerationRequest(p, spec.generation.max_new_tokens,
-                                              tuple(spec.generation.stop), chat) for p in prompts],
-                           desc=task.name)
-    return [{"doc": d["__where__"], "prompt": p, "output": t} for d, p, t in zip(docs, prompts, texts)]
+    requests = [GenerationRequest(p, gen.max_new_tokens, tuple(gen.stop), chat,
+                                  gen.temperature, gen.top_p, gen.seed + i * k + j)
+                for i, p in enumerate(prompts) for j in range(k)]
+    texts = model.generate(requests, desc=task.name)
+    records = []
+    for i, (d, p) in enumerate(zip(docs, prompts)):
+        rec = {"doc": d["__where__"], "prompt": p, "output": texts[i * k]}
+        if k > 1:
+            rec["outputs"] = texts[i * k:(i + 1) * k]
+        records.append(rec)
+    return records
+
+
+def _one_sample(task: Task, kind: str) -> None:
+    if task.spec.generation.samples > 1:
+        raise TaskError(f"task {task.name}: generation.samples > 1 is for generation and code "
+                        f"tasks (maj@k, pass@k); {kind} tasks generate once")
+
+
+def _at_k(task: Task, family: str, auto: tuple[int, ...]) -> list[int]:
+    """The k of the ``family@k`` metrics to report: those listed, and ``auto`` ones that
+    the sample count allows."""
+    from hcx.evaluation.tasks import metric_k
+
+    n = task.spec.generation.samples
+    listed = [at[1] for m in task.spec.metrics if (at := metric_k(m)) and at[0] == family]
+    return sorted({k for k in [*listed, *auto] if k <= n})
 
 
 def _references(task: Task, doc: dict) -> list[str]:
@@ -287,31 +316,72 @@ def _references(task: Task, doc: dict) -> list[str]:
     return [str(t) for t in target] if isinstance(target, (list, tuple)) else [str(target)]
 
 
+def _answer_of(mode: str, text: str):
+    """The answer a generation gives, as compared with the references: GSM8K's strict
+    extraction, else the first line (SQuAD/KorQuAD normalisation is the comparison's)."""
+    if mode == "gsm8k":
+        return gsm8k_extract(text, "strict")
+    return text.strip().split("\n")[0].strip()
+
+
 def generation(task: Task, docs: list[dict], model: LanguageModel, chat: bool = False) -> Outcome:
-    """Free generation, an answer extracted and compared with the references."""
+    """Free generation, an answer extracted and compared with the references. With k
+    samples per example, the per-example scores are the mean over the samples, and
+    ``maj@k`` scores the majority vote of the extracted answers (metrics.majority_vote)."""
     records = _generate(task, docs, model, chat)
     mode = task.spec.answer
-    for rec, doc in zip(records, docs):
-        refs = _references(task, doc)
-        out = rec["output"]
+    k = task.spec.generation.samples
+    em, f1 = {"korquad": (korquad_em, korquad_f1), "squad": (squad_em, squad_f1),
+              "none": (squad_em, squad_f1), "gsm8k": (None, None)}[mode]
+    normalise = lambda text: answer_key(text, mode)  # noqa: E731  (not used for gsm8k)
+
+    def score(out: str, refs: list[str]) -> dict:
         if mode == "gsm8k":
             gold = gsm8k_gold(refs[0])
             strict, flexible = gsm8k_extract(out, "strict"), gsm8k_extract(out, "flexible")
-            rec.update(gold=gold, answer=strict, answer_flexible=flexible,
-                       exact_match=float(strict == gold), exact_match_flexible=float(flexible == gold),
-                       f1=float(flexible == gold))
+            return dict(gold=gold, answer=strict, answer_flexible=flexible,
+                        exact_match=float(strict == gold), exact_match_flexible=float(flexible == gold),
+                        f1=float(flexible == gold))
+        answer = _answer_of(mode, out)
+        return dict(gold=refs, answer=answer, exact_match=float(em(answer, refs)),
+                    f1=float(f1(answer, refs)), exact_match_flexible=float(em(answer, refs)))
+
+    votes = _at_k(task, "maj", (k,) if k > 1 else ())
+    golds, answers = [], []
+    for rec, doc in zip(records, docs):
+        refs = _references(task, doc)
+        rec.update(score(rec["output"], refs))
+        if k > 1:
+            each = [score(o, refs) for o in rec["outputs"]]
+            for m in ("exact_match", "exact_match_flexible", "f1"):
+                rec[m] = sum(e[m] for e in each) / k
+            rec["answers"] = [e["answer"] for e in each]
+        outs = rec.get("outputs", [rec["output"]])
+        if mode == "gsm8k":
+            answers.append([gsm8k_extract(o, "strict") for o in outs])
+            golds.append(rec["gold"])
+        else:  # vote over normalised answers; right if the voted one matches a reference
+            answers.append([normalise(_answer_of(mode, o)) or None for o in outs])
+            golds.append(None)
+    metrics = {m: MetricValue(*mean_stderr([r[m] for r in records]))
+               for m in task.spec.metrics if not m.startswith("maj@")}
+    for v in votes:
+        if mode == "gsm8k":
+            metrics[f"maj@{v}"] = maj_at_k(answers, golds, v)
         else:
-            answer = out.strip().split("\n")[0].strip()
-            em, f1 = {"korquad": (korquad_em, korquad_f1), "squad": (squad_em, squad_f1),
-                      "none": (squad_em, squad_f1)}[mode]
-            rec.update(gold=refs, answer=answer, exact_match=float(em(answer, refs)),
-                       f1=float(f1(answer, refs)), exact_match_flexible=float(em(answer, refs)))
-    metrics = {m: MetricValue(*mean_stderr([r[m] for r in records])) for m in task.spec.metrics}
+            hits = []
+            for rec, a in zip(records, answers):
+                voted = majority_vote(a[:v])
+                hits.append(float(voted is not None and any(normalise(g) == voted for g in rec["gold"])))
+            metrics[f"maj@{v}"] = MetricValue(*mean_stderr(hits))
+        for rec, a in zip(records, answers):
+            rec[f"maj@{v}_answer"] = majority_vote(a[:v])
     return Outcome(records, metrics)
 
 
 def translation(task: Task, docs: list[dict], model: LanguageModel, chat: bool = False) -> Outcome:
     """Sentence translation scored with sacrebleu at the corpus level."""
+    _one_sample(task, "translation")
     records = _generate(task, docs, model, chat)
     target_lang = task.spec.language.split("-")[1]
     for rec, doc in zip(records, docs):
@@ -325,27 +395,37 @@ def translation(task: Task, docs: list[dict], model: LanguageModel, chat: bool =
 
 def code(task: Task, docs: list[dict], model: LanguageModel, chat: bool = False,
          execute: bool = True) -> Outcome:
-    """Code completion run against the benchmark's tests in the sandbox (pass@1, greedy)."""
+    """Code completion run against the benchmark's tests in the sandbox: pass@1 from one
+    greedy completion, or with k samples per problem the unbiased pass@k of Chen et al.
+    2021 for k = 1, 10, 100 (those the sample count reaches) and any listed."""
     from hcx.evaluation import sandbox
 
     spec = task.spec.code
+    n = task.spec.generation.samples
     records = _generate(task, docs, model, chat)
-    programs = [task.template("code.program", spec.program, doc, completion=rec["output"])
-                for rec, doc in zip(records, docs)]
+    programs = [task.template("code.program", spec.program, doc, completion=out)
+                for rec, doc in zip(records, docs) for out in rec.get("outputs", [rec["output"]])]
     if not execute:  # a TP rank other than 0: the results are rank 0's to write
         return Outcome(records, {})
     results = sandbox.run_many(programs, timeout_s=spec.timeout_s, memory_mb=spec.memory_mb,
                                progress=True)
-    for rec, res in zip(records, results):
-        rec.update(status=res.status, passed=float(res.status == "passed"),
-                   stderr_tail=res.stderr[-500:])
-    return Outcome(records, {"pass@1": MetricValue(*mean_stderr([r["passed"] for r in records]))})
+    for i, rec in enumerate(records):
+        mine = results[i * n:(i + 1) * n]
+        rec.update(status=mine[0].status, passed=float(mine[0].status == "passed"),
+                   stderr_tail=mine[0].stderr[-500:])
+        if n > 1:
+            rec.update(statuses=[r.status for r in mine],
+                       n_passed=sum(r.status == "passed" for r in mine))
+    counts = [(n, rec.get("n_passed", int(rec["passed"]))) for rec in records]
+    return Outcome(records, {f"pass@{k}": pass_at_k_over_problems(counts, k)
+                             for k in _at_k(task, "pass", (1, 10, 100))})
 
 
 def ifeval(task: Task, docs: list[dict], model: LanguageModel, chat: bool = False) -> Outcome:
     """IFEval: the response is checked against each of the prompt's verifiable instructions."""
     from hcx.evaluation import ifeval
 
+    _one_sample(task, "ifeval")
     records = _generate(task, docs, model, chat)
     results = []
     for rec, doc in zip(records, docs):

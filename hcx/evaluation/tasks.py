@@ -562,6 +562,9 @@ def with_settings(task: Task, *, mc_mode: str | None = None, shuffle_seed: int |
     try:
         new = TaskSpec.model_validate(data)
     except Exception as e:
+        errors = getattr(e, "errors", None)
+        why = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg'].removeprefix('Value error, ')}"
+                        for err in errors()) if errors else str(e)
         raise TaskError(f"task {task.name} ({task.file}): the run-time settings do not fit "
-                        f"it: {e}") from None
+                        f"it: {why}") from None
     return Task(new, task.file)
