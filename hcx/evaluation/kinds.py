@@ -441,10 +441,34 @@ def ifeval(task: Task, docs: list[dict], model: LanguageModel, chat: bool = Fals
 def run(task: Task, docs: list[dict], model: LanguageModel, chat: bool = False) -> Outcome:
     kind = task.spec.kind
     if kind == "multiple_choice":
-        return multiple_choice(task, docs, model, chat)
-    if kind == "bias":
-        return bias(task, docs, model)
-    if kind == "code":
-        return code(task, docs, model, chat, execute=model.rank0)
-    return {"generation": generation, "translation": translation, "ifeval": ifeval}[kind](
-        task, docs, model, chat)
+        outcome = multiple_choice(task, docs, model, chat)
+    elif kind == "bias":
+        outcome = bias(task, docs, model)
+    elif kind == "code":
+        outcome = code(task, docs, model, chat, execute=model.rank0)
+    else:
+        outcome = {"generation": generation, "translation": translation, "ifeval": ifeval}[kind](
+            task, docs, model, chat)
+    if task.spec.breakdown and outcome.metrics:
+        outcome.notes["breakdown"] = breakdown(task, docs, outcome)
+    return outcome
+
+
+def breakdown(task: Task, docs: list[dict], outcome: Outcome) -> dict:
+    """The task's mean-type metrics per group of each ``breakdown`` expression (KMMLU:
+    per subject and per category): ``{name: {"groups": {group: {"n", metric: {value,
+    stderr, higher_is_better}}}, "macro": {metric: mean of the group values}}}``. The
+    task's own metrics stay the micro averages over all examples."""
+    per_record = [m for m in outcome.metrics if all(m in r for r in outcome.samples)]
+    out = {}
+    for name in task.spec.breakdown:
+        groups: dict[str, list[dict]] = {}
+        for rec, doc in zip(outcome.samples, docs):
+            groups.setdefault(str(task.expr(f"breakdown.{name}", doc)), []).append(rec)
+        table = {g: {"n": len(recs), **{m: MetricValue(*mean_stderr([r[m] for r in recs]),
+                                                       outcome.metrics[m].higher_is_better).to_json()
+                                        for m in per_record}}
+                 for g, recs in sorted(groups.items())}
+        macro = {m: sum(t[m]["value"] for t in table.values()) / len(table) for m in per_record}
+        out[name] = {"groups": table, "macro": macro}
+    return out

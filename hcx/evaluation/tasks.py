@@ -327,7 +327,7 @@ class Task:
 
 def _dotted(obj, key: str):
     for part in key.split("."):
-        obj = getattr(obj, part)
+        obj = obj[part] if isinstance(obj, dict) else getattr(obj, part)
     return obj
 
 

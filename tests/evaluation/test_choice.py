@@ -251,3 +251,70 @@ def test_every_shipped_multiple_choice_task_renders_in_generate_mode():
             assert 0 <= asked["gold"] < len(asked["options"]) >= 2, name
             assert asked["options"][asked["gold"]] == \
                 [asked["options"][j] for j in asked["order"]][asked["shuffled_gold"]]
+
+
+# --- KMMLU and KR-HumanEval ---------------------------------------------------------------
+
+
+def test_breakdown_per_group_and_macro(tmp_path):
+    """Three questions in group x (2 right) and one in y (wrong): acc (micro) 2/4; x 2/3,
+    y 0; macro (2/3 + 0)/2 = 1/3."""
+    docs = [{"q": f"q{i}", "g": "x" if i < 3 else "y", "gold": 0 if i < 2 else 1} for i in range(4)]
+    task = write_task(tmp_path, {"name": "bd", "kind": "multiple_choice", "prompt": "{{ q }}",
+                                 "choices": "['a', 'b']", "target": "gold", "metrics": ["acc"],
+                                 "breakdown": {"group": "g", "upper": "g | upper"}}, docs)
+    out = kinds.run(task, T.load_docs(task), Scripted({"a": -1.0, "b": -2.0}))
+    assert out.metrics["acc"].value == 0.5
+    groups = out.notes["breakdown"]["group"]["groups"]
+    assert groups["x"]["n"] == 3 and groups["x"]["acc"]["value"] == pytest.approx(2 / 3)
+    assert groups["y"]["acc"] == {"value": 0.0, "stderr": None, "higher_is_better": True}
+    assert out.notes["breakdown"]["group"]["macro"]["acc"] == pytest.approx(1 / 3)
+    assert set(out.notes["breakdown"]["upper"]["groups"]) == {"X", "Y"}
+
+
+def test_kmmlu_official_prompt_subjects_and_categories():
+    root = T.data_root()
+    if not (root / "eval" / "kmmlu").is_dir():
+        pytest.skip(f"no KMMLU data at {root}/eval/kmmlu")
+    task = T.load_task("kmmlu")
+    docs = T.load_docs(task)
+    assert len(docs) == 35030
+    subjects = {d["subject"] for d in docs}
+    assert len(subjects) == 45
+    categories = {}
+    for s in subjects:
+        doc = next(d for d in docs if d["subject"] == s)
+        categories.setdefault(task.expr("breakdown.category", doc), set()).add(s)
+    assert {c: len(v) for c, v in categories.items()} == {"STEM": 11, "Applied Science": 12,
+                                                          "HUMSS": 11, "Other": 11}
+    doc = docs[0]
+    shots = T.FewShot(task)
+    prompt = shots.prefix(doc, kinds._choice_answer(task)) + task.prompt(doc)
+    # 5 shots from the dev split of the same subject, each answered " A".." D"
+    assert [s["subject"] for s in shots.examples(doc)] == [doc["subject"]] * 5
+    assert prompt.count("\n정답：") == 6 and prompt.endswith("\n정답：")
+    assert prompt.startswith(shots.examples(doc)[0]["question"].strip() + "\nA. ")
+    # answer is 1-based: 1 = A
+    assert [kinds._index(task, d, task.expr("target", d), ["A", "B", "C", "D"]) for d in docs[:50]] == \
+        [d["answer"] - 1 for d in docs[:50]]
+    first = shots.examples(doc)[0]
+    assert "정답： " + "ABCD"[first["answer"] - 1] + "\n\n" in prompt
+    gen = T.with_settings(task, mc_mode="generate")
+    asked = kinds.choice_prompts(gen, doc, T.FewShot(gen))
+    assert asked["prompt"].endswith(f"{doc['question'].strip()}\nA. {doc['A']}\nB. {doc['B']}\n"
+                                    f"C. {doc['C']}\nD. {doc['D']}\n정답：")
+
+
+def test_kr_humaneval_runs_the_canonical_solutions():
+    """The Korean prompts with HumanEval's canonical solutions pass their tests (the
+    first 5 problems, in the sandbox): the program template fits the data."""
+    root = T.data_root()
+    if not (root / "eval" / "kr_humaneval").is_dir():
+        pytest.skip(f"no KR-HumanEval data at {root}/eval/kr_humaneval")
+    task = T.load_task("kr_humaneval")
+    docs = T.load_docs(task, limit=5)
+    assert "다" in docs[0]["prompt"]  # Korean docstrings
+    solutions = {task.prompt(d): d["canonical_solution"] for d in docs}
+    out = kinds.run(task, docs, Scripted(outputs=lambda p: solutions[p]))
+    assert out.metrics["pass@1"].value == 1.0
+    assert "korean" in T.available_suites() and {"kmmlu", "kr_humaneval"} <= set(T.suite_members("korean"))
