@@ -318,3 +318,17 @@ def test_kr_humaneval_runs_the_canonical_solutions():
     out = kinds.run(task, docs, Scripted(outputs=lambda p: solutions[p]))
     assert out.metrics["pass@1"].value == 1.0
     assert "korean" in T.available_suites() and {"kmmlu", "kr_humaneval"} <= set(T.suite_members("korean"))
+
+
+def test_runner_applies_run_settings_and_records_the_mode(tmp_path):
+    from hcx.evaluation.runner import evaluate
+
+    task = _mc_task(tmp_path, [{"q": "q", "opts": ["w", "x"], "gold": 1}], generate_mode=False)
+    model = Scripted({"w": -1.0, "x": -2.0}, outputs=lambda p: "B")
+    run = tmp_path / "run"
+    plain = evaluate(model, [task], run, log=lambda m: None)["tasks"]["gen"]
+    assert plain["mode"] == "loglikelihood" and plain["metrics"]["acc"]["value"] == 0.0
+    gen = evaluate(model, [task], run, log=lambda m: None,
+                   settings={"mc_mode": "generate"})["tasks"]["gen"]
+    assert gen["mode"] == "generate" and gen["metrics"]["acc"]["value"] == 1.0
+    assert gen["metrics"]["unparseable"] == {"value": 0.0, "stderr": None, "higher_is_better": False}
