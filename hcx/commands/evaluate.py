@@ -31,6 +31,8 @@ def cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
         print(out)
         return 0
     selected = tasks.resolve_tasks(names or ["all"])  # unknown names fail before any process starts
+    for t in selected:  # settings that do not fit a task fail before any process starts too
+        tasks.with_settings(t, **run_settings(args))
     if needs_relaunch(args.tp):
         return relaunch_with_torchrun(args.tp, argv)
     from hcx.evaluation.models import Budget, open_model
@@ -42,12 +44,19 @@ def cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
         if model.rank0:
             log(f"evaluating {model.path} on {len(selected)} tasks -> {out}")
         evaluate(model, selected, out, limit=args.limit, chat=args.chat,
-                 max_new_tokens=args.max_new_tokens, log=log if model.rank0 else lambda m: None)
+                 max_new_tokens=args.max_new_tokens, log=log if model.rank0 else lambda m: None,
+                 settings=run_settings(args))
     finally:
         model.close()
     if model.rank0:
         print(out)
     return 0
+
+
+def run_settings(args: argparse.Namespace) -> dict:
+    """The flags that change how tasks are asked (applied where they fit)."""
+    return {"mc_mode": args.mc_mode, "shuffle_seed": args.shuffle_seed, "samples": args.samples,
+            "temperature": args.temperature, "top_p": args.top_p}
 
 
 def default_eval_dir(model: str, limit: int | None, backend: str) -> Path:
@@ -97,6 +106,18 @@ def add_parsers(sub) -> None:
                    help="cap every generation task's max_new_tokens (for quick smoke runs)")
     p.add_argument("--chat", action="store_true",
                    help="render generation prompts as a user turn of the model's chat template")
+    p.add_argument("--mc-mode", choices=["loglikelihood", "generate"],
+                   help="multiple-choice tasks: score the choices (default) or list them and "
+                        "read the generated answer (docs/eval.md)")
+    p.add_argument("--shuffle-seed", type=int,
+                   help="with --mc-mode generate: shuffle the options (seeded per question); "
+                        "the unshuffled accuracy is reported beside it")
+    p.add_argument("--samples", type=int,
+                   help="generation and code tasks: generations per example (maj@k, pass@k); "
+                        "needs --temperature > 0")
+    p.add_argument("--temperature", type=float, help="sampling temperature (0: greedy, the default)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling: keep the smallest set of tokens "
+                                               "whose probability reaches p")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weights dtype for Hugging Face models (default: float32)")
     p.add_argument("--backend", choices=["hcx", "lm-eval"], default="hcx",

@@ -529,3 +529,48 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0
     return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def pass_at_k_over_problems(results: Sequence[tuple[int, int]], k: int) -> MetricValue:
+    """pass@k of a benchmark: the mean over problems of :func:`pass_at_k` of each
+    problem's ``(n samples, c passing)``, with the analytic standard error over problems
+    (std of the per-problem estimates, ddof=1, / sqrt(problems)). Every problem needs
+    n >= k."""
+    if len(results) == 0:
+        raise MetricError("pass@k of no problems")
+    return MetricValue(*mean_stderr([pass_at_k(n, c, k) for n, c in results]))
+
+
+# --- majority vote (maj@k, self-consistency) ----------------------------------------------
+
+
+def majority_vote(answers: Sequence[Any]) -> Any:
+    """The most frequent answer of a problem's samples; None answers (nothing could be
+    extracted) do not vote, and None is returned when no sample gave an answer. Ties go to
+    the tied answer that appeared first among the samples (so the vote is deterministic
+    and, among equals, favours the earliest sample)."""
+    counts = Counter(a for a in answers if a is not None)
+    if not counts:
+        return None
+    best = max(counts.values())
+    return next(a for a in answers if a is not None and counts[a] == best)
+
+
+def maj_at_k(answers: Sequence[Sequence[Any]], golds: Sequence[Any], k: int) -> MetricValue:
+    """maj@k: per problem, the majority vote (:func:`majority_vote`) over its first ``k``
+    sampled answers is right or wrong; the mean over problems with its analytic standard
+    error. A problem without an answer counts as wrong."""
+    _same_length(answers, golds, "answers", "golds")
+    if k < 1 or any(len(a) < k for a in answers):
+        raise MetricError(f"maj@{k} needs at least {k} samples per problem")
+    hits = []
+    for a, g in zip(answers, golds):
+        voted = majority_vote(list(a)[:k])
+        hits.append(float(voted is not None and voted == g))
+    return MetricValue(*mean_stderr(hits))
+
+
+def answer_key(text: str, mode: Literal["squad", "korquad", "none"]) -> str:
+    """An answer normalised as ``mode``'s exact match compares it (SQuAD v1.1's or
+    KorQuAD 1.0's normalisation; ``none`` compares like SQuAD): what maj@k votes over."""
+    return _korquad_normalize(text) if mode == "korquad" else _squad_normalize(text)

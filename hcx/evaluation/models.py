@@ -7,7 +7,8 @@ Both answer the same two questions, the ones lm-evaluation-harness asks:
   of each continuation and whether greedy decoding would produce it. The context is
   run once per question and its KV cache shared by every candidate (a 4-way multiple
   choice costs one context pass, not four).
-- ``generate``: greedy continuations of prompts, cut at stop strings.
+- ``generate``: continuations of prompts, cut at stop strings: greedy by default, or
+  sampled (temperature, top-p) from a seed.
 
 Tokenization of a (context, continuation) pair follows lm-eval's ``_encode_pair``
 exactly (trailing spaces of the context move to the continuation; the continuation is
@@ -45,6 +46,18 @@ class GenerationRequest:
     max_new_tokens: int = 256
     stop: tuple[str, ...] = ()
     chat: bool = False
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int = 0  # a sampled batch is drawn from the seed of its first request
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a batch is sampled (a greedy batch has none)."""
+
+    temperature: float
+    top_p: float
+    seed: int
 
 
 @dataclass
@@ -154,10 +167,14 @@ class LanguageModel(ABC):
 
     # --- generation ------------------------------------------------------------------
     def generate(self, requests: list[GenerationRequest], desc: str = "generate") -> list[str]:
-        """Greedy continuations, cut at the first stop string, in the input order."""
+        """Continuations cut at the first stop string, in the input order: greedy, or for
+        requests with a temperature > 0 sampled, each batch from the seed of its first
+        request (so a run is reproduced with the same requests and batch size)."""
         ids = [self.chat_prompt(r.prompt) if r.chat else self.encode(r.prompt) for r in requests]
-        # A batch shares max_new_tokens and stop strings: group by them, longest first.
-        key = lambda i: (requests[i].max_new_tokens, requests[i].stop)  # noqa: E731
+        # A batch shares max_new_tokens, stop strings and sampling settings: group by
+        # them, longest first.
+        key = lambda i: (requests[i].max_new_tokens, requests[i].stop,  # noqa: E731
+                         requests[i].temperature, requests[i].top_p)
         order = sorted(range(len(ids)), key=lambda i: (key(i), -len(ids[i])))
         batches: list[list[int]] = []
         for i in order:
@@ -168,9 +185,14 @@ class LanguageModel(ABC):
         out: list[str | None] = [None] * len(requests)
         with self._progress(len(requests), desc) as bar:
             for batch in batches:
-                steps, stops = key(batch[0])
+                steps, stops, temperature, top_p = key(batch[0])
                 prompts = [self._fit_prompt(ids[i], steps) for i in batch]
-                for i, text in zip(batch, self._generate(prompts, steps, stops)):
+                if temperature > 0:
+                    texts = self._generate(prompts, steps, stops, sampling=Sampling(
+                        temperature, top_p, requests[batch[0]].seed))
+                else:  # greedy: the call (and the result) of before sampling existed
+                    texts = self._generate(prompts, steps, stops)
+                for i, text in zip(batch, texts):
                     out[i] = cut_at_stop(text, stops)
                 bar.update(len(batch))
         return out  # type: ignore[return-value]
@@ -184,7 +206,8 @@ class LanguageModel(ABC):
 
     @abstractmethod
     def _generate(self, prompts: list[list[int]], max_new_tokens: int,
-                  stops: tuple[str, ...]) -> list[str]: ...
+                  stops: tuple[str, ...], sampling: Sampling | None = None) -> list[str]:
+        """One batch: greedy, or sampled as ``sampling`` says."""
 
     @contextlib.contextmanager
     def _progress(self, total: int, desc: str):
@@ -345,15 +368,25 @@ class HFModel(LanguageModel):
 
     @torch.no_grad()
     def _generate(self, prompts: list[list[int]], max_new_tokens: int,
-                  stops: tuple[str, ...]) -> list[str]:
+                  stops: tuple[str, ...], sampling: Sampling | None = None) -> list[str]:
         from hcx.engine.generate import left_pad
 
         tokens, real = left_pad(prompts, self._pad)
         kwargs = {"stop_strings": list(stops), "tokenizer": self.tokenizer} if stops else {}
-        out = self.model.generate(
-            input_ids=tokens.to(self.device), attention_mask=real.long().to(self.device),
-            max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self._pad,
-            eos_token_id=self._stop_ids, suppress_tokens=self._padding, **kwargs)
+        if sampling is not None:
+            kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
+                          top_k=0)
+        else:
+            kwargs.update(do_sample=False)
+        # transformers samples from torch's global generator: seed it for this batch only
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, enabled=sampling is not None):
+            if sampling is not None:
+                torch.manual_seed(sampling.seed)
+            out = self.model.generate(
+                input_ids=tokens.to(self.device), attention_mask=real.long().to(self.device),
+                max_new_tokens=max_new_tokens, pad_token_id=self._pad,
+                eos_token_id=self._stop_ids, suppress_tokens=self._padding, **kwargs)
         texts = []
         for row in out[:, tokens.shape[1]:].tolist():
             ends = [row.index(i) for i in self._stop_ids if i in row]
@@ -434,15 +467,17 @@ class HcxModel(LanguageModel):
         return _split_scores(requests, first, logits)
 
     def _generate(self, prompts: list[list[int]], max_new_tokens: int,
-                  stops: tuple[str, ...]) -> list[str]:
+                  stops: tuple[str, ...], sampling: Sampling | None = None) -> list[str]:
         from hcx.engine.generate import Generator, SamplingParams, chat_stop_ids
 
         try:
             stop_ids = chat_stop_ids(self.tokenizer)
         except HcxError:  # a tokenizer without chat markers: end of document only
             stop_ids = (self.tokenizer.eod,)
+        extra = {} if sampling is None else {"temperature": sampling.temperature,
+                                             "top_p": sampling.top_p, "seed": sampling.seed}
         params = SamplingParams(max_new_tokens=max_new_tokens, stop_strings=stops,
-                                stop_ids=stop_ids)
+                                stop_ids=stop_ids, **extra)
         return [g.text for g in Generator(self.engine, self.tokenizer).generate(prompts, params)]
 
     def close(self) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from hcx import __version__ as HCX_VERSION  # the installed package's (pyproject.toml)
 from hcx.evaluation import kinds
 from hcx.evaluation.models import LanguageModel
-from hcx.evaluation.tasks import Task, load_docs
+from hcx.evaluation.tasks import Task, load_docs, with_settings
 from hcx.files import write_text_atomic
 
 FORMAT = 1
@@ -63,10 +63,15 @@ def cap_generation(task: Task, max_new_tokens: int | None) -> Task:
 
 
 def evaluate(model: LanguageModel, tasks: list[Task], out_dir: Path, limit: int | None = None,
-             chat: bool = False, max_new_tokens: int | None = None, log=print) -> dict:
-    """Run ``tasks`` on ``model``; write and return the scores (rank 0 writes)."""
+             chat: bool = False, max_new_tokens: int | None = None, log=print,
+             settings: dict | None = None) -> dict:
+    """Run ``tasks`` on ``model``; write and return the scores (rank 0 writes).
+    ``settings``: run-time choices applied to every task they fit
+    (:func:`hcx.evaluation.tasks.with_settings`: ``mc_mode``, ``shuffle_seed``,
+    ``samples``, ``temperature``, ``top_p``); they change the tasks' fingerprints, so
+    results of other settings are re-run, not kept."""
     out_dir = Path(out_dir)
-    tasks = [cap_generation(t, max_new_tokens) for t in tasks]
+    tasks = [cap_generation(with_settings(t, **(settings or {})), max_new_tokens) for t in tasks]
     writer = model.rank0
     if writer:
         (out_dir / "samples").mkdir(parents=True, exist_ok=True)
@@ -102,6 +107,9 @@ def evaluate(model: LanguageModel, tasks: list[Task], out_dir: Path, limit: int 
         spec = task.spec
         entry = {
             "language": spec.language, "category": spec.category, "kind": spec.kind,
+            **({"mode": spec.mode} if spec.kind == "multiple_choice" else {}),
+            **({"samples": spec.generation.samples, "temperature": spec.generation.temperature,
+                "top_p": spec.generation.top_p} if spec.generation.samples > 1 else {}),
             "n": len(docs), "primary": spec.primary, "seconds": round(seconds, 2),
             "metrics": {m: v.to_json() for m, v in outcome.metrics.items()},
             "settings": key, **outcome.notes,

@@ -35,14 +35,27 @@ Kind = Literal["multiple_choice", "generation", "translation", "bias", "code", "
 
 KIND_METRICS: dict[str, tuple[str, ...]] = {
     "multiple_choice": ("acc", "acc_norm", "mc2"),
-    "generation": ("exact_match", "exact_match_flexible", "f1"),
+    "generation": ("exact_match", "exact_match_flexible", "f1", "maj@k"),
     "translation": ("bleu", "chrf", "ter"),
     "bias": ("acc_ambig", "acc_disambig", "diff_bias_ambig", "diff_bias_disambig",
              "bbq_bias_ambig", "bbq_bias_disambig"),
-    "code": ("pass@1",),
+    "code": ("pass@k",),
     "ifeval": ("prompt_level_strict_acc", "inst_level_strict_acc",
                "prompt_level_loose_acc", "inst_level_loose_acc"),
 }
+
+
+#: What a multiple_choice task reports in ``mode: generate`` (the log-likelihood metrics
+#: acc_norm and mc2 need scores of every choice, which generation does not give).
+GENERATE_MC_METRICS = ("acc", "unparseable", "acc_unshuffled")
+#: Metric names with a sample count: ``maj@8``, ``pass@10``.
+_AT_K = re.compile(r"^(maj|pass)@([1-9][0-9]*)$")
+
+
+def metric_k(name: str) -> tuple[str, int] | None:
+    """``("pass", 10)`` for ``pass@10``; None for a metric without a k."""
+    m = _AT_K.match(name)
+    return (m.group(1), int(m.group(2))) if m else None
 
 
 class TaskError(HcxError, ValueError):
@@ -83,6 +96,54 @@ class FewShotSpec(Strict):
 class GenerationSpec(Strict):
     max_new_tokens: int = Field(default=256, gt=0)
     stop: list[str] = Field(default_factory=list)
+    samples: int = Field(default=1, ge=1, description="generations per example (maj@k, pass@k); "
+                                                      "1 and temperature 0: greedy")
+    temperature: float = Field(default=0.0, ge=0, description="0: greedy")
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    seed: int = Field(default=1234, description="seed of sampled generation")
+
+    @model_validator(mode="after")
+    def _sampling(self):
+        if self.samples > 1 and self.temperature == 0:
+            raise ValueError(f"samples: {self.samples} needs temperature > 0 (greedy "
+                             "generations of one prompt are all the same)")
+        return self
+
+
+class ChoiceGenerationSpec(Strict):
+    """How a multiple_choice task is asked in ``mode: generate``: the options are listed
+    under the question with labels, the model writes its answer, and the answer is read
+    from the text (hcx.evaluation.choice)."""
+
+    question: str | None = Field(
+        default=None, description="Jinja template of the question without its options "
+                                  "(default: the task's prompt, a final answer cue removed)")
+    options: str | None = Field(
+        default=None, description="expression: the option texts (default: the choices, or "
+                                  "for `contexts` tasks each context with the continuation)")
+    labels: Literal["letters", "circled", "numbers"] | None = Field(
+        default=None, description="A./B./C./D., ①②③④ or 1./2./3./4. (default: circled for "
+                                  "Korean tasks, letters otherwise)")
+    cue: str | None = Field(default=None, description="after the options (default: 정답: / Answer:)")
+    shuffle_seed: int | None = Field(
+        default=None, description="shuffle each question's options (seeded per question); "
+                                  "the unshuffled accuracy is reported as acc_unshuffled")
+    cot: str | None = Field(default=None, description="chain of thought: text put after the "
+                                                      "cue (\"Let's think step by step.\")")
+    answer_pattern: str | None = Field(
+        default=None, description="regex finding the final answer in a chain of thought; its "
+                                  "first group (or the match) is read, the last match counts")
+    max_new_tokens: int | None = Field(default=None, gt=0, description="default 16, with cot 512")
+    stop: list[str] | None = Field(default=None, description="default [\"\\n\"], with cot none")
+
+    @model_validator(mode="after")
+    def _pattern(self):
+        if self.answer_pattern is not None:
+            try:
+                re.compile(self.answer_pattern)
+            except re.error as e:
+                raise ValueError(f"answer_pattern {self.answer_pattern!r} is not a regex: {e}")
+        return self
 
 
 class BiasSpec(Strict):
@@ -122,6 +183,13 @@ class TaskSpec(Strict):
                                                          "or the reference text(s)")
     labels: str | None = Field(default=None, description="expression: 0/1 per choice (mc2)")
     target_delimiter: str = " "
+    mode: Literal["loglikelihood", "generate"] = Field(
+        default="loglikelihood", description="multiple_choice: score the choices, or list them "
+                                             "and read the generated answer")
+    generate: ChoiceGenerationSpec = Field(default_factory=ChoiceGenerationSpec)
+    breakdown: dict[str, str] = Field(
+        default_factory=dict, description="name: expression giving each example's group; "
+                                          "the metrics per group are reported too (KMMLU)")
     fewshot: FewShotSpec = Field(default_factory=FewShotSpec)
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
     answer: Literal["none", "gsm8k", "squad", "korquad"] = Field(
@@ -134,11 +202,33 @@ class TaskSpec(Strict):
 
     @model_validator(mode="after")
     def _consistent(self):
-        known = KIND_METRICS[self.kind]
-        bad = [m for m in self.metrics if m not in known]
+        if self.mode == "generate" and self.kind != "multiple_choice":
+            raise ValueError(f"mode: generate is for multiple_choice tasks; this one is {self.kind!r}")
+        known = GENERATE_MC_METRICS if self.mode == "generate" else KIND_METRICS[self.kind]
+
+        def computed(m: str) -> bool:
+            at = metric_k(m)
+            return m in known or (at is not None and f"{at[0]}@k" in known)
+
+        bad = [m for m in self.metrics if not computed(m)]
         if bad:
-            raise ValueError(f"metrics {bad} are not computed by kind {self.kind!r}; "
+            mode = " in mode generate" if self.mode == "generate" else ""
+            raise ValueError(f"metrics {bad} are not computed by kind {self.kind!r}{mode}; "
                              f"it computes {list(known)}")
+        for m in self.metrics:
+            at = metric_k(m)
+            if at and at[1] > self.generation.samples:
+                raise ValueError(f"metric {m} needs generation.samples >= {at[1]} (it is "
+                                 f"{self.generation.samples})")
+        if self.mode == "generate":
+            shuffled = self.generate.shuffle_seed is not None
+            if "acc_unshuffled" in self.metrics and not shuffled:
+                raise ValueError("metric acc_unshuffled needs generate.shuffle_seed")
+            # unparseable answers are always reported, and with shuffling the plain order too
+            wanted = ["unparseable"] + (["acc_unshuffled"] if shuffled else [])
+            missing = [m for m in wanted if m not in self.metrics]
+            if missing:
+                self.metrics = [*self.metrics, *missing]
         if self.primary is None:
             self.primary = self.metrics[0]
         elif self.primary not in self.metrics:
@@ -237,7 +327,7 @@ class Task:
 
 def _dotted(obj, key: str):
     for part in key.split("."):
-        obj = getattr(obj, part)
+        obj = obj[part] if isinstance(obj, dict) else getattr(obj, part)
     return obj
 
 
@@ -430,3 +520,51 @@ def tasks_markdown() -> str:
         rows.append(f"| `{s.name}` | {s.language} | {s.category} | {s.kind} | "
                     f"{', '.join(metrics)} | {cell(s.source)} | {shots}`{cell(prompt)}` |")
     return "\n".join(rows) + "\n"
+
+
+# --- settings chosen at run time --------------------------------------------------------
+
+
+def with_settings(task: Task, *, mc_mode: str | None = None, shuffle_seed: int | None = None,
+                  samples: int | None = None, temperature: float | None = None,
+                  top_p: float | None = None) -> Task:
+    """The task with run-time choices applied (``hcx eval --mc-mode generate --samples 8
+    ...``), the rest of its YAML unchanged; the returned task's fingerprint differs, so a
+    run directory keeps results of each setting apart. ``mc_mode`` and ``shuffle_seed``
+    apply to multiple_choice tasks, the sampling settings to generation and code tasks;
+    other tasks are returned as they are."""
+    spec = task.spec
+    data = spec.model_dump()
+    if spec.kind == "multiple_choice":
+        if mc_mode is not None and mc_mode != spec.mode:
+            data["mode"] = mc_mode
+            if mc_mode == "generate":
+                data["metrics"], data["primary"] = ["acc", "unparseable"], "acc"
+            else:
+                raise TaskError(f"task {task.name}: its YAML sets mode: generate; --mc-mode "
+                                f"loglikelihood needs its log-likelihood metrics, so edit "
+                                f"{task.file} (key mode) instead")
+        if shuffle_seed is not None and data["mode"] == "generate":
+            data["generate"]["shuffle_seed"] = shuffle_seed
+    if spec.kind in ("generation", "code") and any(
+            v is not None for v in (samples, temperature, top_p)):
+        gen = data["generation"]
+        for key, value in (("samples", samples), ("temperature", temperature), ("top_p", top_p)):
+            if value is not None:
+                gen[key] = value
+        # maj@k / pass@k listed for more samples than now asked for are dropped
+        data["metrics"] = [m for m in data["metrics"]
+                           if not metric_k(m) or metric_k(m)[1] <= gen["samples"]]
+        if data["primary"] not in data["metrics"]:
+            data["primary"] = None
+    if data == spec.model_dump():
+        return task
+    try:
+        new = TaskSpec.model_validate(data)
+    except Exception as e:
+        errors = getattr(e, "errors", None)
+        why = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg'].removeprefix('Value error, ')}"
+                        for err in errors()) if errors else str(e)
+        raise TaskError(f"task {task.name} ({task.file}): the run-time settings do not fit "
+                        f"it: {why}") from None
+    return Task(new, task.file)
