@@ -102,3 +102,23 @@ def test_eval_cli_errors(tmp_path, sft_checkpoint):
     assert missing.returncode == 1 and "no such checkpoint or model directory" in missing.stderr
     no_run = hcx("report", str(tmp_path), check=False)
     assert no_run.returncode == 1 and "scores.json" in no_run.stderr
+
+
+def test_hcx_model_samples_from_a_seed(sft_checkpoint):
+    """Sampled generation on an hcx checkpoint: the same seed gives the same texts, other
+    seeds other texts, and greedy requests are unchanged by sampled ones beside them."""
+    from hcx.evaluation.models import GenerationRequest, HcxModel
+
+    model = HcxModel(str(sft_checkpoint), log=lambda *a: None)
+    try:
+        greedy = model.generate([GenerationRequest("대한민국의 수도는", 12)])
+        sampled = [GenerationRequest("대한민국의 수도는", 12, temperature=1.0, seed=s)
+                   for s in (1, 1, 2, 3)]
+        first = [model.generate([r])[0] for r in sampled]
+        mixed = model.generate([GenerationRequest("대한민국의 수도는", 12), sampled[0]])
+    finally:
+        model.close()
+    assert first[0] == first[1]  # same seed, same text
+    assert len(set(first[1:])) > 1  # a random 2-layer model: other seeds differ
+    assert first[0] != greedy[0]
+    assert mixed == [greedy[0], first[0]]
