@@ -1,7 +1,8 @@
 """``hcx eval``: run tasks on a model and write a run directory.
 
 A run directory holds ``scores.json`` (every task's metrics with standard errors, the
-model, the settings) and ``samples/<task>.jsonl`` (one record per example: the prompt,
+model, the settings), the same results in lm-evaluation-harness's schema
+(``results.json``, :mod:`hcx.evaluation.interchange`) and ``samples/<task>.jsonl`` (one record per example: the prompt,
 what the model scored or wrote, and the per-example scores). Each task's results are
 written as soon as it finishes, atomically, so a crash loses at most the task in flight
 and running the same command again resumes: tasks already done with the same settings
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from hcx import __version__ as HCX_VERSION  # the installed package's (pyproject.toml)
 from hcx.evaluation import kinds
+from hcx.evaluation.interchange import RESULTS, lm_eval_results
 from hcx.evaluation.models import LanguageModel
 from hcx.evaluation.tasks import Task, load_docs, with_settings
 from hcx.files import write_text_atomic
@@ -110,7 +112,8 @@ def evaluate(model: LanguageModel, tasks: list[Task], out_dir: Path, limit: int 
             **({"mode": spec.mode} if spec.kind == "multiple_choice" else {}),
             **({"samples": spec.generation.samples, "temperature": spec.generation.temperature,
                 "top_p": spec.generation.top_p} if spec.generation.samples > 1 else {}),
-            "n": len(docs), "primary": spec.primary, "seconds": round(seconds, 2),
+            "n": len(docs), "num_fewshot": spec.fewshot.n, "version": task.fingerprint,
+            "primary": spec.primary, "seconds": round(seconds, 2),
             "metrics": {m: v.to_json() for m, v in outcome.metrics.items()},
             "settings": key, **outcome.notes,
         }
@@ -119,6 +122,9 @@ def evaluate(model: LanguageModel, tasks: list[Task], out_dir: Path, limit: int 
             lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in outcome.samples)
             write_text_atomic(out_dir / "samples" / f"{task.name}.jsonl", lines)
             write_text_atomic(out_dir / "scores.json", json.dumps(scores, indent=1, ensure_ascii=False))
+            # the same results in lm-evaluation-harness's schema, for its tools
+            write_text_atomic(out_dir / RESULTS, json.dumps(lm_eval_results(scores), indent=1,
+                                                            ensure_ascii=False))
         log(f"[{i}/{len(tasks)}] {task.name}: {_summary(entry)} ({len(docs)} examples, "
             f"{seconds:.1f}s, {len(docs) / max(seconds, 1e-9):.1f}/s)")
     return scores

@@ -165,10 +165,12 @@ def test_native_kobest_scores_equal_lm_evals_exactly(tmp_path, sft_checkpoint, h
     ours = run_lm_eval(str(sft_checkpoint), tasks, tmp_path / "lm-eval-hcx", limit=LIMIT,
                        lm_eval_model="hcx", batch_size=8, data_root=shared_data, log=lambda *a: None)
 
+    acc_by_task = {}
     for task in tasks:
         acc = {name: run["tasks"][task]["metrics"]["acc"]["value"]
                for name, run in (("native", native), ("lm-eval hf", ref), ("lm-eval hcx", ours))}
         assert acc["native"] == acc["lm-eval hf"] == acc["lm-eval hcx"], (task, acc)
+        acc_by_task[task] = acc["native"]
         assert native["tasks"][task]["n"] == ref["tasks"][task]["n"] == LIMIT
         assert ref["tasks"][task]["metrics"]["acc"]["stderr"] == pytest.approx(
             native["tasks"][task]["metrics"]["acc"]["stderr"], rel=1e-9)
@@ -193,6 +195,15 @@ def test_native_kobest_scores_equal_lm_evals_exactly(tmp_path, sft_checkpoint, h
     entry = scores["tasks"]["kobest_copa"]
     assert (entry["language"], entry["category"], entry["primary"]) == ("ko", "reasoning", "acc")
     assert ours["model"]["kind"] == "hcx"
+    # and lm-eval's own results file (kept under lm_eval/) reads as a run with the same scores
+    from hcx.evaluation.report import load_run
+
+    raw = load_run(tmp_path / "lm-eval-hf" / "lm_eval" / "kobest_copa.json")
+    assert raw.tasks["kobest_copa"]["metrics"]["acc"] == entry["metrics"]["acc"]
+    assert raw.tasks["kobest_copa"]["language"] == "ko"
+    # the native run's results.json, in lm-eval's schema, holds the native scores
+    native_file = json.loads((tmp_path / "native" / "results.json").read_text())
+    assert native_file["results"]["kobest_copa"]["acc,none"] == acc_by_task["kobest_copa"]
 
 
 # --- the adapter's other request types ---------------------------------------------------

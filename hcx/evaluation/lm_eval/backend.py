@@ -42,6 +42,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from hcx.errors import HcxError
+from hcx.evaluation.interchange import metrics_from_lm_eval
 from hcx.files import write_text_atomic
 
 
@@ -347,19 +348,6 @@ def evaluate_tasks(lm, task_manager, names: list[str], limit: int | None,
     return evaluate(lm=lm, task_dict=loaded, limit=limit, log_samples=True)
 
 
-def _metrics(result: dict, higher: dict) -> dict:
-    out = {}
-    for key, value in result.items():
-        if "," not in key or "_stderr," in key or not isinstance(value, (int, float)):
-            continue
-        name, _filter = key.split(",", 1)
-        stderr = result.get(f"{name}_stderr,{_filter}")
-        out[name] = {"value": float(value),
-                     "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
-                     "higher_is_better": bool(higher.get(name, True))}
-    return out
-
-
 def _sample_records(samples: list[dict]) -> list[dict]:
     """lm-eval's logged samples, JSON-ready, with each choice's log-likelihood."""
     from lm_eval.utils import handle_non_serializable
@@ -455,7 +443,7 @@ def run_lm_eval(model_path, tasks: list[str], out_dir: Path, limit: int | None =
             entry = {
                 "language": task.language, "category": task.category, "kind": "multiple_choice",
                 "n": n, "primary": task.primary, "seconds": round(seconds, 2),
-                "metrics": _metrics(results["results"][task.name],
+                "metrics": metrics_from_lm_eval(results["results"][task.name],
                                     results.get("higher_is_better", {}).get(task.name, {})),
                 "lm_eval_task": task.name,
             }

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from hcx.errors import HcxError
+from hcx.evaluation.interchange import is_lm_eval_results, scores_from_lm_eval
 
 SCORES = "scores.json"
 FORMAT = 1
@@ -38,13 +39,24 @@ class Run:
         return str(self.model.get("name") or self.dir.name)
 
 
+def lm_eval_results_file(run_dir: Path) -> Path | None:
+    """The newest lm-evaluation-harness results file in a folder (``lm_eval
+    --output_path`` writes ``<model>/results_<date>.json``), if any."""
+    found = sorted(run_dir.glob("results_*.json")) + sorted(run_dir.glob("*/results_*.json"))
+    return max(found, key=lambda p: p.name) if found else None
+
+
 def load_run(path: str | os.PathLike) -> Run:
-    """Read and check one run directory's ``scores.json`` (``path`` may also name the file)."""
+    """Read and check one run: an ``hcx eval`` run directory (its ``scores.json``), or
+    lm-evaluation-harness's results (a ``results_*.json`` file or the folder holding one;
+    :func:`hcx.evaluation.interchange.scores_from_lm_eval`)."""
     path = Path(path)
     if path.is_file():
         file, run_dir = path, path.parent
     elif path.is_dir():
         file, run_dir = path / SCORES, path
+        if not file.is_file():
+            file = lm_eval_results_file(path) or file
         if not file.is_file():
             raise ReportError(
                 f"{path}: no {SCORES} here, so this is not an evaluation run directory; "
@@ -65,6 +77,8 @@ def load_run(path: str | os.PathLike) -> Run:
 
     if not isinstance(data, dict):
         raise bad("top level", "expected a JSON object")
+    if is_lm_eval_results(data):
+        data = scores_from_lm_eval(data, run_dir.name)
     fmt = data.get("format")
     if fmt != FORMAT:
         raise bad("format", f"is {fmt!r}; this hcx reads format {FORMAT} "
