@@ -574,3 +574,48 @@ def answer_key(text: str, mode: Literal["squad", "korquad", "none"]) -> str:
     """An answer normalised as ``mode``'s exact match compares it (SQuAD v1.1's or
     KorQuAD 1.0's normalisation; ``none`` compares like SQuAD): what maj@k votes over."""
     return _korquad_normalize(text) if mode == "korquad" else _squad_normalize(text)
+
+
+# --- paired tests between two models on the same examples ---------------------------
+
+
+def mcnemar_p(a: Sequence[float], b: Sequence[float]) -> float:
+    """Exact (binomial) McNemar test of two models' 0/1 scores on the same examples: the
+    two-sided p-value that the discordant examples (one right, the other wrong) split as
+    unevenly as they do by chance."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    _same_length(a, b, "a", "b")
+    only_a = int(((a == 1) & (b == 0)).sum())
+    only_b = int(((a == 0) & (b == 1)).sum())
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def paired_bootstrap_p(a: Sequence[float], b: Sequence[float], iters: int = 1000,
+                       seed: int = 0) -> float:
+    """Paired bootstrap (Koehn 2004) of the mean difference ``mean(b) - mean(a)``: the
+    examples are resampled together, and the two-sided p-value is twice the share of
+    resamples whose difference does not keep the observed sign (at most 1)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    _same_length(a, b, "a", "b")
+    diff = b - a
+    if diff.size == 0:
+        return 1.0
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, diff.size, size=(iters, diff.size))].mean(axis=1)
+    observed = diff.mean()
+    if observed == 0:
+        return 1.0
+    flipped = (means <= 0).mean() if observed > 0 else (means >= 0).mean()
+    return float(min(1.0, 2 * flipped))
+
+
+def paired_test(a: Sequence[float], b: Sequence[float]) -> tuple[str, float]:
+    """``("mcnemar", p)`` for 0/1 scores, else ``("paired bootstrap", p)``."""
+    values = set(np.unique(np.asarray(list(a) + list(b), dtype=float)).tolist())
+    if values <= {0.0, 1.0}:
+        return "mcnemar", mcnemar_p(a, b)
+    return "paired bootstrap", paired_bootstrap_p(a, b)

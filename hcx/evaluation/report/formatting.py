@@ -31,6 +31,14 @@ def delta_text(d: float | None) -> str:
     return f"+{r:.1f}" if r > 0 else f"{MINUS}{-r:.1f}"
 
 
+NOISE = "≈"  # marks a delta within noise by its paired test
+
+
+def noise_mark(metric: dict, label: str) -> str:
+    """``≈`` after a delta whose paired test (same examples) finds no significant change."""
+    return NOISE if metric.get("paired", {}).get(label, {}).get("noise") else ""
+
+
 def delta_verdict(d: float | None, higher_is_better: bool) -> str:
     """``better``, ``worse`` or ``same`` (what rounds to 0.0 is the same)."""
     if d is None or round(d, 1) == 0:
@@ -102,6 +110,11 @@ def footnotes(data: dict) -> list[str]:
             for row in pm.values() for c in row.values()):
         notes.append(f"{DAGGER} averaged over a different task set than the baseline's, so its "
                      "delta is not like-for-like.")
+    if any(v.get("noise") for task in data["tasks"].values() for m in task["metrics"].values()
+           for v in m.get("paired", {}).values()):
+        notes.append(f"{NOISE} within noise: on the same examples, the paired test (McNemar for "
+                     "right/wrong scores, else a paired bootstrap) gives p ≥ 0.05 against the "
+                     "baseline.")
     if data["missing_tasks"]:
         notes.append("Tasks not in every run: " + "; ".join(data["missing_tasks"]) + ".")
     if data["excluded_from_averages"]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from hcx.evaluation.report.formatting import (
-    DAGGER, DASH, LANG_SHORT, delta_text, direction_text, examples_text, footnotes,
+    DAGGER, DASH, LANG_SHORT, delta_text, direction_text, examples_text, footnotes, noise_mark,
     metric_label, score_text, sections_with_tasks, summary_categories, text_or_dash,
     value_with_stderr)
 from hcx.evaluation.report.merge import LANGS, TRANSLATION_METRICS
@@ -109,7 +109,7 @@ def render_markdown(data: dict) -> str:
                 for lab in labels:
                     s = value_with_stderr(md["runs"][lab], md["scale"])
                     if lab != base and md["runs"][lab] is not None and md["delta"][lab] is not None:
-                        s += f" ({delta_text(md['delta'][lab])})"
+                        s += f" ({delta_text(md['delta'][lab])}{noise_mark(md, lab)})"
                     row.append(s)
                 rows.append(row)
         out.append(_md_table(header, rows, ["l"] * 5 + ["r"] * len(labels)))

@@ -22,7 +22,8 @@ import math
 from datetime import datetime, timezone
 from typing import Any
 
-from hcx.evaluation.report.runs import FORMAT, ReportError, Run
+from hcx.evaluation.metrics import paired_test
+from hcx.evaluation.report.runs import FORMAT, ReportError, Run, per_example
 
 # Metrics on a 0..100 scale already (sacrebleu's); every other metric whose values all lie
 # in [0, 1] is multiplied by 100 for display.
@@ -162,6 +163,8 @@ def merge_runs(runs: list[Run], title: str | None = None) -> dict[str, Any]:
                 "display": disp,
                 "delta": {lab: _delta(disp[lab], disp[base]) for lab in labels[1:]},
             }
+            if m == primary:
+                metrics[m]["paired"] = paired_deltas(runs, tname, m)
         tasks[tname] = {
             "language": language, "category": category, "primary": primary,
             "kind": ref.get("kind"), "section": _section(language, category),
@@ -262,3 +265,24 @@ def language_key(lang: str) -> tuple:
     """Sort key of languages and translation directions: Korean, English, then the rest."""
     order = ["ko", "en", "ko-en", "en-ko"]
     return (order.index(lang), "") if lang in order else (len(order), lang)
+
+
+NOISE_P = 0.05  # a delta whose paired test gives p >= this is marked as within noise
+
+
+def paired_deltas(runs: list[Run], task: str, metric: str) -> dict[str, dict]:
+    """Per non-baseline run, the paired test of its per-example scores against the
+    baseline's on the same examples (McNemar for 0/1 scores, else a paired bootstrap):
+    ``{label: {"test", "p", "noise"}}``; runs without comparable per-example scores are
+    left out."""
+    base = per_example(runs[0], task, metric) if task in runs[0].tasks else None
+    out: dict[str, dict] = {}
+    if base is None:
+        return out
+    for run in runs[1:]:
+        mine = per_example(run, task, metric) if task in run.tasks else None
+        if mine is None or mine[0] != base[0]:
+            continue  # other examples (another --limit, another task version)
+        test, p = paired_test(base[1], mine[1])
+        out[run.label] = {"test": test, "p": p, "noise": p >= NOISE_P}
+    return out

@@ -106,3 +106,27 @@ def load_run(path: str | os.PathLike) -> Run:
     return Run(dir=run_dir, file=file, model=model, tasks=tasks,
                limit=limit if isinstance(limit, int) and not isinstance(limit, bool) else None,
                created=data.get("created"), hcx_version=data.get("hcx_version"), raw=data)
+
+
+def per_example(run: Run, task: str, metric: str) -> tuple[list, list[float]] | None:
+    """``(example identities, scores)`` of one metric of one task from the run's
+    ``samples/<task>.jsonl``, or None where the run kept no such per-example score (corpus
+    metrics such as BLEU, or runs without samples). An example's identity is its prompt,
+    so two runs compare only on the same examples in the same order."""
+    path = run.dir / "samples" / f"{task}.jsonl"
+    if not path.is_file():
+        return None
+    ids, values = [], []
+    try:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            value = record.get(metric)
+            if isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, (int, float)):
+                return None
+            ids.append(record.get("prompt"))
+            values.append(float(value))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None
+    return ids, values
