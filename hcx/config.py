@@ -477,8 +477,22 @@ def _resolve_inputs(node: Any, key: str, recipe_dir: Path | None,
     return resolve_input(node, recipe_dir)
 
 
-def _load_chain(path: Path, seen: tuple[Path, ...] = (),
-                inputs: tuple[str, ...] = ()) -> tuple[dict, dict[str, str]]:
+def find_base(base: str, file: Path, shipped: tuple[Path, ...]) -> Path:
+    """Where ``base: NAME`` in ``file`` points: a path from the file's folder (or an
+    absolute one), else a file of that name (``.yaml`` optional) in the ``shipped``
+    folders, so a user's file anywhere can extend the shipped ones by name."""
+    path = Path(base) if Path(base).is_absolute() else file.parent / base
+    if path.is_file() or Path(base).is_absolute():
+        return path
+    for folder in shipped:
+        for name in (base, f"{base}.yaml"):
+            if (folder / name).is_file():
+                return folder / name
+    return path
+
+
+def _load_chain(path: Path, seen: tuple[Path, ...] = (), inputs: tuple[str, ...] = (),
+                shipped: tuple[Path, ...] = ()) -> tuple[dict, dict[str, str]]:
     path = path.resolve() if path.is_absolute() else path
     key = path.resolve()
     if key in seen:
@@ -492,8 +506,8 @@ def _load_chain(path: Path, seen: tuple[Path, ...] = (),
         return data, lines
     if not isinstance(base, str):
         raise RecipeError(f"{lines.get('base', path)}: 'base' must be a path string")
-    base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
-    base_data, base_lines = _load_chain(base_path, (*seen, key), inputs)
+    base_data, base_lines = _load_chain(find_base(base, path, shipped), (*seen, key), inputs,
+                                        shipped)
     return _deep_merge(base_data, data), {**base_lines, **lines}
 
 
@@ -563,8 +577,8 @@ def origin_of(key: str, origins: dict[str, str], default: str) -> str:
 
 
 def load_config(path: str | Path, model: type[M], overrides: list[str] | tuple[str, ...] = (),
-                what: str = "recipe", inputs: tuple[str, ...] | None = None
-                ) -> tuple[M, dict[str, str]]:
+                what: str = "recipe", inputs: tuple[str, ...] | None = None,
+                bases: tuple[Path, ...] = ()) -> tuple[M, dict[str, str]]:
     """Load a YAML file (with ``base:`` chains and ``KEY=VALUE`` overrides) into a pydantic
     model. Errors name ``file:line`` of the key at fault. Returns the model and the origin
     (``file:line`` or override) of every key, for later checks to cite. Raises RecipeError.
@@ -572,11 +586,12 @@ def load_config(path: str | Path, model: type[M], overrides: list[str] | tuple[s
     ``inputs``: dotted keys (``*`` = any list index) whose relative paths are made
     absolute, from the folder of the file that sets them or, for overrides, from the
     current directory (:func:`hcx.paths.resolve_input`); default: :data:`RECIPE_INPUTS`
-    for recipes, none otherwise."""
+    for recipes, none otherwise. ``bases``: folders where ``base: NAME`` is looked up when
+    it is not a file beside the one that names it (:func:`find_base`)."""
     path = Path(path)
     if inputs is None:
         inputs = RECIPE_INPUTS if model is Recipe else ()
-    data, origins = _load_chain(path, inputs=inputs)
+    data, origins = _load_chain(path, inputs=inputs, shipped=tuple(bases))
     for text in overrides:
         parts, value = parse_override(text)
         if inputs:
@@ -641,10 +656,10 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     """Load, merge, override and validate a training recipe. Raises RecipeError. A path
     that does not exist may name a shipped recipe (``tiny.yaml``, ``recipes/tiny.yaml``:
     :func:`hcx.resources.recipe_path`)."""
-    from hcx.resources import recipe_path
+    from hcx.resources import recipe_path, recipes_dir
 
     path = recipe_path(path)
-    recipe, origins = load_config(path, Recipe, overrides)
+    recipe, origins = load_config(path, Recipe, overrides, bases=(recipes_dir(),))
     recipe = _with_origins(recipe, origins, str(path))
     refuse(recipe, layout_errors(recipe))
     return recipe

@@ -11,10 +11,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from hcx.evaluation.metrics import (BiasRecord, MetricValue, answer_key, bias_scores, gsm8k_extract, gsm8k_gold, korquad_em, korquad_f1,
-                                    maj_at_k, majority_vote, mc_predictions, mean_stderr,
-                                    pass_at_k_over_problems, squad_em, squad_f1, translation_scores,
-                                    translation_signature, truthfulqa_mc2)
+from hcx.evaluation.metrics import (BiasRecord, MetricValue, answer_key, bias_scores,
+                                    bootstrap_stderr, gsm8k_extract, gsm8k_gold, korquad_em,
+                                    korquad_f1, maj_at_k, majority_vote, mc_predictions,
+                                    mean_stderr, pass_at_k_over_problems, squad_em, squad_f1,
+                                    translation_scores, translation_signature, truthfulqa_mc2)
 from hcx.evaluation.models import ChoiceRequest, GenerationRequest, LanguageModel, encode_choices
 from hcx.evaluation.tasks import FewShot, Task, TaskError
 
@@ -363,8 +364,10 @@ def generation(task: Task, docs: list[dict], model: LanguageModel, chat: bool = 
         else:  # vote over normalised answers; right if the voted one matches a reference
             answers.append([normalise(_answer_of(mode, o)) or None for o in outs])
             golds.append(None)
+    functions = task.spec.metric_functions
     metrics = {m: MetricValue(*mean_stderr([r[m] for r in records]))
-               for m in task.spec.metrics if not m.startswith("maj@")}
+               for m in task.spec.metrics if not m.startswith("maj@") and m not in functions}
+    metrics.update(function_metrics(task, records))
     for v in votes:
         if mode == "gsm8k":
             metrics[f"maj@{v}"] = maj_at_k(answers, golds, v)
@@ -377,6 +380,34 @@ def generation(task: Task, docs: list[dict], model: LanguageModel, chat: bool = 
         for rec, a in zip(records, answers):
             rec[f"maj@{v}_answer"] = majority_vote(a[:v])
     return Outcome(records, metrics)
+
+
+def function_metrics(task: Task, records: list[dict]) -> dict[str, MetricValue]:
+    """A generation task's ``metric_functions`` over its (answer, gold) pairs, each with a
+    bootstrap standard error over the examples (hcx.evaluation.functions)."""
+    from hcx.evaluation.functions import load_function
+
+    out = {}
+    pairs = [(r["answer"], r["gold"]) for r in records]
+    for name, spec in task.spec.metric_functions.items():
+        fn = load_function(spec, task.name, task.file, f"metric_functions.{name}")
+
+        def value(items, fn=fn) -> float:
+            return float(fn([p for p, _ in items], [g for _, g in items]))
+
+        def resampled(items, value=value) -> float:
+            try:  # a resample may leave the metric undefined (one distinct value): left out
+                return value(items)
+            except Exception:
+                return float("nan")
+
+        try:
+            whole = value(pairs)
+        except Exception as e:
+            raise TaskError(f"task {task.name}: metric_functions.{name} ({spec}) failed: "
+                            f"{e!r}") from None
+        out[name] = MetricValue(whole, bootstrap_stderr(resampled, pairs))
+    return out
 
 
 def translation(task: Task, docs: list[dict], model: LanguageModel, chat: bool = False) -> Outcome:

@@ -199,6 +199,12 @@ class TaskSpec(Strict):
     bias: BiasSpec | None = None
     code: CodeSpec | None = None
     ifeval: IFEvalSpec | None = None
+    process_docs: str | None = Field(
+        default=None, description="'module:function' or 'file.py:function' taking and "
+                                  "returning the list of docs (hcx.evaluation.functions)")
+    metric_functions: dict[str, str] = Field(
+        default_factory=dict, description="generation tasks: metric name -> 'module:function' "
+                                          "of (predictions, references) -> float over the task")
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -208,7 +214,12 @@ class TaskSpec(Strict):
 
         def computed(m: str) -> bool:
             at = metric_k(m)
-            return m in known or (at is not None and f"{at[0]}@k" in known)
+            return m in known or (at is not None and f"{at[0]}@k" in known) \
+                or m in self.metric_functions
+
+        if self.metric_functions and self.kind != "generation":
+            raise ValueError(f"metric_functions are for generation tasks; this one is "
+                             f"{self.kind!r}")
 
         bad = [m for m in self.metrics if not computed(m)]
         if bad:
@@ -367,7 +378,9 @@ def load_task(name_or_path: str) -> Task:
             raise TaskError(f"{path}: no such task file")
         path = shipped
     try:
-        spec, _ = load_config(path, TaskSpec, what="task")
+        # a task file anywhere extends the shipped tasks and bases by name (base: mmlu)
+        spec, _ = load_config(path, TaskSpec, what="task",
+                              bases=(tasks_dir(), tasks_dir() / "_base"))
     except RecipeError as e:
         raise TaskError(str(e)) from None
     return Task(spec, path)
@@ -450,6 +463,18 @@ def read_dataset(task: Task, spec: DatasetSpec) -> list[dict]:
                     docs.append({**row, "__where__": f"{path.name}:{lineno}"})
     if spec.filter:
         docs = [d for d in docs if task._eval("dataset.filter", spec.filter, d, True)]
+    if task.spec.process_docs:
+        from hcx.evaluation.functions import load_function
+
+        process = load_function(task.spec.process_docs, task.name, task.file, "process_docs")
+        try:
+            docs = list(process(docs))
+        except Exception as e:
+            raise TaskError(f"task {task.name}: process_docs {task.spec.process_docs} failed: "
+                            f"{e!r}") from None
+        if not all(isinstance(d, dict) and "__where__" in d for d in docs):
+            raise TaskError(f"task {task.name}: process_docs {task.spec.process_docs} must "
+                            "return the docs as dicts, keeping each one's '__where__'")
     return docs
 
 
