@@ -48,6 +48,8 @@ KIND_METRICS: dict[str, tuple[str, ...]] = {
 #: What a multiple_choice task reports in ``mode: generate`` (the log-likelihood metrics
 #: acc_norm and mc2 need scores of every choice, which generation does not give).
 GENERATE_MC_METRICS = ("acc", "unparseable", "acc_unshuffled")
+#: The seed of ``generate.shuffle: true`` when no ``shuffle_seed`` is given.
+DEFAULT_SHUFFLE_SEED = 1234
 #: Metric names with a sample count: ``maj@8``, ``pass@10``.
 _AT_K = re.compile(r"^(maj|pass)@([1-9][0-9]*)$")
 
@@ -125,9 +127,12 @@ class ChoiceGenerationSpec(Strict):
         default=None, description="A./B./C./D., ①②③④ or 1./2./3./4. (default: circled for "
                                   "Korean tasks, letters otherwise)")
     cue: str | None = Field(default=None, description="after the options (default: 정답: / Answer:)")
-    shuffle_seed: int | None = Field(
+    shuffle: bool | None = Field(
         default=None, description="shuffle each question's options (seeded per question); "
-                                  "the unshuffled accuracy is reported as acc_unshuffled")
+                                  "the unshuffled accuracy is reported as acc_unshuffled. "
+                                  f"Seed: shuffle_seed, default {DEFAULT_SHUFFLE_SEED}")
+    shuffle_seed: int | None = Field(default=None, description="seed of the shuffling (setting "
+                                                               "it turns shuffling on)")
     cot: str | None = Field(default=None, description="chain of thought: text put after the "
                                                       "cue (\"Let's think step by step.\")")
     answer_pattern: str | None = Field(
@@ -138,6 +143,14 @@ class ChoiceGenerationSpec(Strict):
 
     @model_validator(mode="after")
     def _pattern(self):
+        if self.shuffle is False and self.shuffle_seed is not None:
+            raise ValueError(f"shuffle: false contradicts shuffle_seed: {self.shuffle_seed} "
+                             "(which shuffles); drop one")
+        # (assignments validate again: each is made only when it changes something)
+        if self.shuffle and self.shuffle_seed is None:
+            self.shuffle_seed = DEFAULT_SHUFFLE_SEED
+        elif self.shuffle_seed is not None and self.shuffle is not True:
+            self.shuffle = True
         if self.answer_pattern is not None:
             try:
                 re.compile(self.answer_pattern)
@@ -545,7 +558,7 @@ def with_settings(task: Task, *, mc_mode: str | None = None, shuffle_seed: int |
                                 f"loglikelihood needs its log-likelihood metrics, so edit "
                                 f"{task.file} (key mode) instead")
         if shuffle_seed is not None and data["mode"] == "generate":
-            data["generate"]["shuffle_seed"] = shuffle_seed
+            data["generate"].update(shuffle=True, shuffle_seed=shuffle_seed)
     if spec.kind in ("generation", "code") and any(
             v is not None for v in (samples, temperature, top_p)):
         gen = data["generation"]
