@@ -70,8 +70,11 @@ class TaskError(HcxError, ValueError):
 class DatasetSpec(Strict):
     files: list[str] | str | None = Field(
         default=None, description="JSON Lines files, relative to the data root (or absolute)")
-    hub: str | None = Field(default=None, description="Hugging Face Hub dataset id")
-    config: str | None = None
+    hub: str | None = Field(default=None, description="Hugging Face Hub dataset id (read from "
+                                                      "<data root>/hub/<id> when that folder exists)")
+    config: str | list[str] | None = Field(
+        default=None, description="hub: the dataset's config; a list joins several in order, "
+                                  "each doc's config in the variable __config__")
     split: str = "test"
     filter: str | None = Field(default=None, description="Jinja expression: keep docs where true")
 
@@ -79,6 +82,10 @@ class DatasetSpec(Strict):
     def _one_source(self):
         if (self.files is None) == (self.hub is None):
             raise ValueError("give exactly one of dataset.files and dataset.hub")
+        if self.config is not None and self.hub is None:
+            raise ValueError("dataset.config is for dataset.hub")
+        if isinstance(self.config, list) and not self.config:
+            raise ValueError("dataset.config is an empty list")
         return self
 
 
@@ -435,19 +442,46 @@ def _data_file(task: Task, rel: str) -> Path:
     return path
 
 
+def hub_mirror(hub: str) -> Path | None:
+    """The local copy of a Hub dataset, ``<data root>/hub/<id>`` (a folder laid out as the
+    Hub repository: a README.md whose ``configs:`` name each config's data files, as
+    ``huggingface-cli download --repo-type dataset <id> --local-dir ...`` leaves it), or
+    None when there is none."""
+    path = data_root() / "hub" / hub
+    return path if path.is_dir() else None
+
+
+def _read_hub(task: Task, spec: DatasetSpec) -> list[dict]:
+    """The docs of a ``dataset.hub`` spec, from its local mirror when there is one (see
+    :func:`hub_mirror`), else from the Hub (or the datasets cache). Several configs are
+    joined in order; each doc records its config in ``__config__``."""
+    import datasets
+
+    mirror = hub_mirror(spec.hub)
+    source = str(mirror) if mirror is not None else spec.hub
+    configs = spec.config if isinstance(spec.config, list) else [spec.config]
+    docs: list[dict] = []
+    for config in configs:
+        try:
+            ds = datasets.load_dataset(source, config, split=spec.split)
+        except Exception as e:
+            where = f"the local copy {mirror}" if mirror is not None else (
+                f"the Hub or its cache (offline: put a copy of the dataset repository at "
+                f"{data_root() / 'hub' / spec.hub})")
+            raise TaskError(f"task {task.name}: dataset.hub {spec.hub} (config {config}, split "
+                            f"{spec.split}) cannot be loaded from {where}: "
+                            f"{type(e).__name__}: {e}") from None
+        name = spec.hub if config is None else f"{spec.hub}:{config}"
+        for i, row in enumerate(ds):
+            docs.append({**row, "__config__": config, "__where__": f"{name}[{i}]"})
+    return docs
+
+
 def read_dataset(task: Task, spec: DatasetSpec) -> list[dict]:
     """The docs of a dataset spec, each tagged with where it came from (``__where__``)."""
     docs: list[dict] = []
     if spec.hub is not None:
-        import datasets
-
-        try:
-            ds = datasets.load_dataset(spec.hub, spec.config, split=spec.split)
-        except Exception as e:
-            raise TaskError(f"task {task.name}: cannot load {spec.hub} ({spec.config}, "
-                            f"{spec.split}) from the Hub or its cache: {e}") from None
-        for i, row in enumerate(ds):
-            docs.append({**row, "__where__": f"{spec.hub}[{i}]"})
+        docs = _read_hub(task, spec)
     else:
         files = [spec.files] if isinstance(spec.files, str) else list(spec.files or [])
         for rel in files:
