@@ -142,7 +142,9 @@ def _gen_choices(task: Task, doc: dict) -> tuple[str, list[str], int]:
             raise TaskError(f"task {task.name}: generate.options gave {len(options)} options for "
                             f"doc {doc['__where__']}, which has {len(choices)} choices")
     else:
-        if len(choices) > 1 and choices == list(LETTERS[:len(choices)]):
+        bare = [c.strip().strip("()[].") for c in choices]  # "A", "(A)", "1." ...
+        if len(choices) > 1 and bare in (list(LETTERS[:len(choices)]),
+                                         [str(i + 1) for i in range(len(choices))]):
             raise TaskError(f"task {task.name}: its choices are the labels {choices} (the prompt "
                             f"lists the options); mode generate needs the option texts: set "
                             f"generate.options (and generate.question) in {task.file}")

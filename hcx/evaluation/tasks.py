@@ -48,6 +48,8 @@ KIND_METRICS: dict[str, tuple[str, ...]] = {
 #: What a multiple_choice task reports in ``mode: generate`` (the log-likelihood metrics
 #: acc_norm and mc2 need scores of every choice, which generation does not give).
 GENERATE_MC_METRICS = ("acc", "unparseable", "acc_unshuffled")
+#: The seed of ``generate.shuffle: true`` when no ``shuffle_seed`` is given.
+DEFAULT_SHUFFLE_SEED = 1234
 #: Metric names with a sample count: ``maj@8``, ``pass@10``.
 _AT_K = re.compile(r"^(maj|pass)@([1-9][0-9]*)$")
 
@@ -68,8 +70,11 @@ class TaskError(HcxError, ValueError):
 class DatasetSpec(Strict):
     files: list[str] | str | None = Field(
         default=None, description="JSON Lines files, relative to the data root (or absolute)")
-    hub: str | None = Field(default=None, description="Hugging Face Hub dataset id")
-    config: str | None = None
+    hub: str | None = Field(default=None, description="Hugging Face Hub dataset id (read from "
+                                                      "<data root>/hub/<id> when that folder exists)")
+    config: str | list[str] | None = Field(
+        default=None, description="hub: the dataset's config; a list joins several in order, "
+                                  "each doc's config in the variable __config__")
     split: str = "test"
     filter: str | None = Field(default=None, description="Jinja expression: keep docs where true")
 
@@ -77,6 +82,10 @@ class DatasetSpec(Strict):
     def _one_source(self):
         if (self.files is None) == (self.hub is None):
             raise ValueError("give exactly one of dataset.files and dataset.hub")
+        if self.config is not None and self.hub is None:
+            raise ValueError("dataset.config is for dataset.hub")
+        if isinstance(self.config, list) and not self.config:
+            raise ValueError("dataset.config is an empty list")
         return self
 
 
@@ -125,9 +134,12 @@ class ChoiceGenerationSpec(Strict):
         default=None, description="A./B./C./D., ①②③④ or 1./2./3./4. (default: circled for "
                                   "Korean tasks, letters otherwise)")
     cue: str | None = Field(default=None, description="after the options (default: 정답: / Answer:)")
-    shuffle_seed: int | None = Field(
+    shuffle: bool | None = Field(
         default=None, description="shuffle each question's options (seeded per question); "
-                                  "the unshuffled accuracy is reported as acc_unshuffled")
+                                  "the unshuffled accuracy is reported as acc_unshuffled. "
+                                  f"Seed: shuffle_seed, default {DEFAULT_SHUFFLE_SEED}")
+    shuffle_seed: int | None = Field(default=None, description="seed of the shuffling (setting "
+                                                               "it turns shuffling on)")
     cot: str | None = Field(default=None, description="chain of thought: text put after the "
                                                       "cue (\"Let's think step by step.\")")
     answer_pattern: str | None = Field(
@@ -138,6 +150,14 @@ class ChoiceGenerationSpec(Strict):
 
     @model_validator(mode="after")
     def _pattern(self):
+        if self.shuffle is False and self.shuffle_seed is not None:
+            raise ValueError(f"shuffle: false contradicts shuffle_seed: {self.shuffle_seed} "
+                             "(which shuffles); drop one")
+        # (assignments validate again: each is made only when it changes something)
+        if self.shuffle and self.shuffle_seed is None:
+            self.shuffle_seed = DEFAULT_SHUFFLE_SEED
+        elif self.shuffle_seed is not None and self.shuffle is not True:
+            self.shuffle = True
         if self.answer_pattern is not None:
             try:
                 re.compile(self.answer_pattern)
@@ -435,19 +455,46 @@ def _data_file(task: Task, rel: str) -> Path:
     return path
 
 
+def hub_mirror(hub: str) -> Path | None:
+    """The local copy of a Hub dataset, ``<data root>/hub/<id>`` (a folder laid out as the
+    Hub repository: a README.md whose ``configs:`` name each config's data files, as
+    ``huggingface-cli download --repo-type dataset <id> --local-dir ...`` leaves it), or
+    None when there is none."""
+    path = data_root() / "hub" / hub
+    return path if path.is_dir() else None
+
+
+def _read_hub(task: Task, spec: DatasetSpec) -> list[dict]:
+    """The docs of a ``dataset.hub`` spec, from its local mirror when there is one (see
+    :func:`hub_mirror`), else from the Hub (or the datasets cache). Several configs are
+    joined in order; each doc records its config in ``__config__``."""
+    import datasets
+
+    mirror = hub_mirror(spec.hub)
+    source = str(mirror) if mirror is not None else spec.hub
+    configs = spec.config if isinstance(spec.config, list) else [spec.config]
+    docs: list[dict] = []
+    for config in configs:
+        try:
+            ds = datasets.load_dataset(source, config, split=spec.split)
+        except Exception as e:
+            where = f"the local copy {mirror}" if mirror is not None else (
+                f"the Hub or its cache (offline: put a copy of the dataset repository at "
+                f"{data_root() / 'hub' / spec.hub})")
+            raise TaskError(f"task {task.name}: dataset.hub {spec.hub} (config {config}, split "
+                            f"{spec.split}) cannot be loaded from {where}: "
+                            f"{type(e).__name__}: {e}") from None
+        name = spec.hub if config is None else f"{spec.hub}:{config}"
+        for i, row in enumerate(ds):
+            docs.append({**row, "__config__": config, "__where__": f"{name}[{i}]"})
+    return docs
+
+
 def read_dataset(task: Task, spec: DatasetSpec) -> list[dict]:
     """The docs of a dataset spec, each tagged with where it came from (``__where__``)."""
     docs: list[dict] = []
     if spec.hub is not None:
-        import datasets
-
-        try:
-            ds = datasets.load_dataset(spec.hub, spec.config, split=spec.split)
-        except Exception as e:
-            raise TaskError(f"task {task.name}: cannot load {spec.hub} ({spec.config}, "
-                            f"{spec.split}) from the Hub or its cache: {e}") from None
-        for i, row in enumerate(ds):
-            docs.append({**row, "__where__": f"{spec.hub}[{i}]"})
+        docs = _read_hub(task, spec)
     else:
         files = [spec.files] if isinstance(spec.files, str) else list(spec.files or [])
         for rel in files:
@@ -570,7 +617,7 @@ def with_settings(task: Task, *, mc_mode: str | None = None, shuffle_seed: int |
                                 f"loglikelihood needs its log-likelihood metrics, so edit "
                                 f"{task.file} (key mode) instead")
         if shuffle_seed is not None and data["mode"] == "generate":
-            data["generate"]["shuffle_seed"] = shuffle_seed
+            data["generate"].update(shuffle=True, shuffle_seed=shuffle_seed)
     if spec.kind in ("generation", "code") and any(
             v is not None for v in (samples, temperature, top_p)):
         gen = data["generation"]
