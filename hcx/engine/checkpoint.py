@@ -284,9 +284,13 @@ def _optimizer_kind(optimizer) -> str:
     return "distributed" if _distributed_optimizers(optimizer) else "plain"
 
 
-def _seal(tmp: Path, meta: dict[str, Any]) -> None:
-    """Finish a checkpoint directory: record every file's size in hcx.json (written last,
-    atomically, so its presence means the save completed) and verify the result."""
+def _seal(tmp: Path, meta: dict[str, Any], tokenizer: TokenizerBundle | None) -> None:
+    """Finish a checkpoint directory: write the run's tokenizer into it, record every
+    file's size in hcx.json (written last, atomically, so its presence means the save
+    completed) and verify the result."""
+    if tokenizer is not None:
+        tokenizer.write(tmp)
+        meta = {**meta, TOKENIZER_KEY: tokenizer.path}
     files = {str(p.relative_to(tmp)): p.stat().st_size
              for p in sorted(tmp.rglob("*")) if p.is_file()}
     _write_atomic(tmp / META, json.dumps({**meta, "files": files}, indent=1))
@@ -317,10 +321,7 @@ def save(ckpt_dir: Path, step: int, model, optimizer, scheduler,
             raise CheckpointError(f"{tmp}: {n_rng} RNG files for {_world()} ranks")
         meta = {"step": step, "world_size": _world(), "optimizer": _optimizer_kind(optimizer),
                 "scheduler": scheduler.state_dict(), **extra}
-        if tokenizer is not None:
-            tokenizer.write(tmp)
-            meta[TOKENIZER_KEY] = tokenizer.path
-        _seal(tmp, meta)
+        _seal(tmp, meta, tokenizer)
         if final.exists():  # re-saving a step (e.g. after an earlier crash): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -359,10 +360,7 @@ def save_weights(path: Path, model, extra: dict[str, Any],
     def finalize():
         meta = {"step": 0, "world_size": _world(), "optimizer": WEIGHTS_ONLY,
                 "consumed_samples": 0, **extra}
-        if tokenizer is not None:
-            tokenizer.write(tmp)
-            meta[TOKENIZER_KEY] = tokenizer.path
-        _seal(tmp, meta)
+        _seal(tmp, meta, tokenizer)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
 
