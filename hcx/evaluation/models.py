@@ -42,7 +42,11 @@ class ChoiceRequest:
 
 @dataclass
 class GenerationRequest:
-    prompt: str
+    """A prompt to continue: text, or a conversation (``[{"role", "content"}, ...]``,
+    always rendered with the model's chat template and an open assistant turn; judges
+    and multi-turn tasks such as MT-Bench ask this way)."""
+
+    prompt: str | list[dict]
     max_new_tokens: int = 256
     stop: tuple[str, ...] = ()
     chat: bool = False
@@ -115,8 +119,15 @@ class LanguageModel(ABC):
     @abstractmethod
     def eot_id(self) -> int: ...
 
-    def chat_prompt(self, text: str) -> list[int]:
+    def chat_prompt(self, prompt: str | list[dict]) -> list[int]:
+        """Token ids of a user turn (``prompt`` text) or of a conversation (messages),
+        rendered with the model's chat template, ending in an open assistant turn."""
         raise ModelOpenError(f"{self.name}: this model has no chat template")
+
+    def prompt_ids(self, request: GenerationRequest) -> list[int]:
+        if request.chat or isinstance(request.prompt, list):
+            return self.chat_prompt(request.prompt)
+        return self.encode(request.prompt)
 
     # --- scoring ---------------------------------------------------------------------
     def loglikelihood(self, requests: list[ChoiceRequest], desc: str = "score") -> list[list[Score]]:
@@ -170,7 +181,7 @@ class LanguageModel(ABC):
         """Continuations cut at the first stop string, in the input order: greedy, or for
         requests with a temperature > 0 sampled, each batch from the seed of its first
         request (so a run is reproduced with the same requests and batch size)."""
-        ids = [self.chat_prompt(r.prompt) if r.chat else self.encode(r.prompt) for r in requests]
+        ids = [self.prompt_ids(r) for r in requests]
         # A batch shares max_new_tokens, stop strings and sampling settings: group by
         # them, longest first.
         key = lambda i: (requests[i].max_new_tokens, requests[i].stop,  # noqa: E731
@@ -333,12 +344,12 @@ class HFModel(LanguageModel):
         tok = self.tokenizer
         return tok.eos_token_id if tok.eos_token_id is not None else tok.bos_token_id
 
-    def chat_prompt(self, text: str) -> list[int]:
+    def chat_prompt(self, prompt: str | list[dict]) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
-            return super().chat_prompt(text)
+            return super().chat_prompt(prompt)
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
         return list(self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True,
-            return_dict=False))
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False))
 
     @torch.no_grad()
     def _score(self, requests: list[ChoiceRequest]) -> list[list[Score]]:
@@ -424,10 +435,10 @@ class HcxModel(LanguageModel):
     def eot_id(self) -> int:
         return self.tokenizer.eod
 
-    def chat_prompt(self, text: str) -> list[int]:
+    def chat_prompt(self, prompt: str | list[dict]) -> list[int]:
         from hcx.engine.generate import encode_prompt
 
-        return encode_prompt(text, self.tokenizer, chat=True)
+        return encode_prompt(prompt, self.tokenizer, chat=True)
 
     def _forward(self, tokens: torch.Tensor, mask, context, all_positions: bool) -> torch.Tensor:
         """Float32 logits [batch, positions, vocab] on the CPU."""

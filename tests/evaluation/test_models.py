@@ -48,15 +48,23 @@ def test_shared_context_scores_equal_full_forward_and_hf(sft_checkpoint, hf_dir)
                 lp = torch.log_softmax(logits(model.engine, tokens[:, :-1], model.vocab)[0], -1)
                 full = sum(float(lp[len(r.context) - 1 + j, t]) for j, t in enumerate(cont))
                 assert s.logprob == pytest.approx(full, abs=1e-4)
-        prompts = [GenerationRequest("대한민국의 수도는", 12, ("\n",)), GenerationRequest("Hello", 8)]
+        conversation = [{"role": "system", "content": "짧게 답하세요."},
+                        {"role": "user", "content": "수도는?"},
+                        {"role": "assistant", "content": "서울입니다."},
+                        {"role": "user", "content": "왜요?"}]
+        prompts = [GenerationRequest("대한민국의 수도는", 12, ("\n",)), GenerationRequest("Hello", 8),
+                   GenerationRequest(conversation, 8)]
         texts = model.generate(prompts)
+        # a conversation is rendered with the chat layout SFT trains on
+        from hcx.engine.generate import encode_prompt
+        assert model.prompt_ids(prompts[2]) == encode_prompt(conversation, model.tokenizer, chat=True)
     finally:
         model.close()
     hf = HFModel(str(hf_dir))
     for ours, theirs in zip(got, hf.loglikelihood(_requests(hf))):
         assert [s.logprob for s in theirs] == pytest.approx([s.logprob for s in ours], abs=1e-4)
         assert [s.greedy for s in theirs] == [s.greedy for s in ours]
-    assert hf.generate(prompts) == texts
+    assert hf.generate(prompts) == texts  # the export's chat template renders the same turns
 
 
 def _scores(run) -> dict:
