@@ -26,6 +26,9 @@ def cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
     if args.backend == "lm-eval":
         from hcx.evaluation.lm_eval.backend import run_lm_eval
 
+        if args.dp != 1:
+            raise tasks.TaskError("--dp applies to hcx's own backend; with --backend lm-eval "
+                                  "use lm-eval's own data-parallel launch (accelerate)")
         run_lm_eval(args.model, names or ["kobest"], out, limit=args.limit, tp=args.tp,
                     batch_size=args.batch_size)
         print(out)
@@ -33,12 +36,14 @@ def cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
     selected = tasks.resolve_tasks(names or ["all"])  # unknown names fail before any process starts
     for t in selected:  # settings that do not fit a task fail before any process starts too
         tasks.with_settings(t, **run_settings(args))
-    if needs_relaunch(args.tp):
-        return relaunch_with_torchrun(args.tp, argv)
+    if args.dp < 1 or args.tp < 1:
+        raise tasks.TaskError("--tp and --dp are at least 1")
+    if needs_relaunch(args.tp * args.dp):
+        return relaunch_with_torchrun(args.tp * args.dp, argv)
     from hcx.evaluation.models import Budget, open_model
     from hcx.evaluation.runner import evaluate
 
-    model = open_model(args.model, tp=args.tp, dtype=args.dtype, log=log,
+    model = open_model(args.model, tp=args.tp, dp=args.dp, dtype=args.dtype, log=log,
                        budget=Budget(batch_size=args.batch_size, max_tokens=args.max_tokens))
     try:
         if model.rank0:
@@ -98,6 +103,9 @@ def add_parsers(sub) -> None:
                                              "(scores are then not comparable to published ones)")
     p.add_argument("--out", help="run directory (default: runs/eval/<model name>[-limitN])")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel processes (hcx checkpoints)")
+    p.add_argument("--dp", type=int, default=1,
+                   help="data-parallel replicas: N copies of the model (each --tp processes) "
+                        "share every task's batches; scores equal --dp 1 exactly")
     p.add_argument("--batch-size", type=int, default=16, help="questions or prompts per forward pass")
     p.add_argument("--max-tokens", type=int, default=32768,
                    help="at most this many cached tokens per scoring pass (each choice "

@@ -43,21 +43,23 @@ def checkpoint_recipe(ckpt: Path) -> Recipe:
     return recipe
 
 
-def inference_recipe(recipe: Recipe, tp: int = 1) -> Recipe:
-    """The recipe at tensor parallel size ``tp`` and nothing else (no pipeline or data
-    parallelism, no sequence parallelism), with the local layer spec: its attention
+def inference_recipe(recipe: Recipe, tp: int = 1, dp: int = 1) -> Recipe:
+    """The recipe at tensor parallel size ``tp`` and ``dp`` replicas (each holding the
+    whole model: no pipeline parallelism, no sequence parallelism), with the local layer
+    spec: its attention
     takes the padding masks of batched generation (torch's fused SDPA kernels, on GPU
     too), and its dist-checkpoint keys are Transformer Engine's, so any checkpoint loads."""
     return recipe.model_copy(update={
         "parallel": recipe.parallel.model_copy(
-            update={"tp": tp, "pp": 1, "dp": 1, "sequence_parallel": False}),
+            update={"tp": tp, "pp": 1, "dp": dp, "sequence_parallel": False}),
         "model": recipe.model.model_copy(update={"transformer_impl": "local"}),
     })
 
 
-def open_checkpoint(ckpt: Path, tp: int = 1, log=print):
+def open_checkpoint(ckpt: Path, tp: int = 1, log=print, dp: int = 1):
     """``(engine, tokenizer)`` with the checkpoint's weights, for inference at tensor
-    parallel size ``tp`` (no pipeline or data parallelism, no optimizer).
+    parallel size ``tp`` (no pipeline parallelism, no optimizer); ``dp`` replicas of
+    the model when ``tp * dp`` processes run this (data-parallel evaluation).
 
     dist_checkpointing reshards any saved layout, so a TP=2/PP=4 checkpoint opens in
     one process or at TP=8 alike (see :func:`inference_recipe`).
@@ -68,7 +70,7 @@ def open_checkpoint(ckpt: Path, tp: int = 1, log=print):
     from hcx.engine.loop import build_engine
 
     ckpt = checkpoint_path(ckpt)
-    recipe = inference_recipe(checkpoint_recipe(ckpt), tp)
+    recipe = inference_recipe(checkpoint_recipe(ckpt), tp, dp)
     m = recipe.model
     if m.num_attention_heads % tp or m.query_groups % tp:
         raise CheckpointOpenError(

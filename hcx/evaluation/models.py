@@ -19,6 +19,7 @@ agree token for token on the same prompts.
 from __future__ import annotations
 
 import contextlib
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,32 @@ class Score:
     greedy: bool  # every continuation token is the argmax at its position
 
 
+@dataclass(frozen=True)
+class Replicas:
+    """Data-parallel evaluation (``hcx eval --dp N``): this process is replica ``rank``
+    of ``size``. Every replica plans the batches a single process would, runs every
+    ``size``-th of them and the results are gathered: the same batches give the same
+    numbers, so scores equal a single process's exactly (padding and batch composition
+    change floating-point results; sharding examples would not be exact)."""
+
+    rank: int = 0
+    size: int = 1
+    group: object = None  # the torch.distributed group of the replicas (None: the world)
+
+    def share(self, batches: list[list[int]]) -> list[list[int]]:
+        return batches[self.rank::self.size]
+
+    def gather(self, results: dict) -> dict:
+        """Every replica's ``{request index: result}`` merged, on every replica."""
+        if self.size == 1:
+            return results
+        import torch.distributed as dist
+
+        parts: list[dict | None] = [None] * self.size
+        dist.all_gather_object(parts, results, group=self.group)
+        return {i: r for part in parts for i, r in part.items()}
+
+
 @dataclass
 class Budget:
     """How many questions go into one forward pass: ``batch_size`` questions at most,
@@ -106,7 +133,8 @@ class LanguageModel(ABC):
     kind: str  # "hcx" | "hf"
     max_length: int
     budget: Budget
-    rank0: bool = True  # prints progress bars (the other TP ranks stay quiet)
+    rank0: bool = True  # prints progress bars and writes results (other ranks stay quiet)
+    replicas: Replicas = Replicas()
 
     # --- tokenizer -------------------------------------------------------------------
     @abstractmethod
@@ -150,13 +178,15 @@ class LanguageModel(ABC):
             else:
                 batches.append([i])
                 tokens = cost
-        results: list[list[Score] | None] = [None] * len(requests)
-        with self._progress(len(requests), desc) as bar:
-            for batch in batches:
+        mine = self.replicas.share(batches)
+        results: dict[int, list[Score]] = {}
+        with self._progress(sum(map(len, mine)), desc) as bar:
+            for batch in mine:
                 for i, scores in zip(batch, self._score([cut[i] for i in batch])):
                     results[i] = scores
                 bar.update(len(batch))
-        return results  # type: ignore[return-value]
+        results = self.replicas.gather(results)
+        return [results[i] for i in range(len(requests))]
 
     def _fit(self, r: ChoiceRequest) -> ChoiceRequest:
         """Keep the context's last tokens when context + continuation exceeds the
@@ -193,9 +223,10 @@ class LanguageModel(ABC):
                 batches[-1].append(i)
             else:
                 batches.append([i])
-        out: list[str | None] = [None] * len(requests)
-        with self._progress(len(requests), desc) as bar:
-            for batch in batches:
+        mine = self.replicas.share(batches)
+        out: dict[int, str] = {}
+        with self._progress(sum(map(len, mine)), desc) as bar:
+            for batch in mine:
                 steps, stops, temperature, top_p = key(batch[0])
                 prompts = [self._fit_prompt(ids[i], steps) for i in batch]
                 if temperature > 0:
@@ -206,7 +237,8 @@ class LanguageModel(ABC):
                 for i, text in zip(batch, texts):
                     out[i] = cut_at_stop(text, stops)
                 bar.update(len(batch))
-        return out  # type: ignore[return-value]
+        out = self.replicas.gather(out)
+        return [out[i] for i in range(len(requests))]
 
     def _fit_prompt(self, ids: list[int], steps: int) -> list[int]:
         room = self.max_length - steps
@@ -303,7 +335,7 @@ class HFModel(LanguageModel):
     kind = "hf"
 
     def __init__(self, path: str, dtype: str = "float32", budget: Budget | None = None,
-                 device: str | None = None, max_length: int | None = None):
+                 device: str | None = None, max_length: int | None = None, dp: int = 1):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         p = Path(path)
@@ -314,7 +346,10 @@ class HFModel(LanguageModel):
         self.name = p.name
         self.budget = budget or Budget()
         self.dtype = dtype
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.replicas = join_replicas(dp)
+        self.rank0 = self.replicas.rank == 0
+        local = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if dp > 1 else "cuda"
+        self.device = torch.device(device or (local if torch.cuda.is_available() else "cpu"))
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.model = AutoModelForCausalLM.from_pretrained(
             path, local_files_only=True, dtype=getattr(torch, dtype)).to(self.device).eval()
@@ -335,6 +370,12 @@ class HFModel(LanguageModel):
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        if self.replicas.size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -414,10 +455,16 @@ class HcxModel(LanguageModel):
 
     kind = "hcx"
 
-    def __init__(self, checkpoint: str, tp: int = 1, budget: Budget | None = None, log=print):
+    def __init__(self, checkpoint: str, tp: int = 1, budget: Budget | None = None, log=print,
+                 dp: int = 1):
+        from megatron.core import parallel_state
+
         from hcx.engine.inference import open_checkpoint
 
-        self.engine, self.tokenizer = open_checkpoint(Path(checkpoint), tp=tp, log=log)
+        self.engine, self.tokenizer = open_checkpoint(Path(checkpoint), tp=tp, log=log, dp=dp)
+        if dp > 1:  # results are gathered as Python objects: over gloo, on GPUs too
+            self.replicas = Replicas(self.engine.topo.dp_rank, dp,
+                                     parallel_state.get_data_parallel_group_gloo())
         self.path = str(Path(checkpoint).resolve())
         self.name = checkpoint_name(Path(checkpoint))
         self.budget = budget or Budget()
@@ -504,9 +551,25 @@ def checkpoint_name(path: Path) -> str:
     return parts[-1] if parts else str(path)
 
 
+def join_replicas(dp: int) -> Replicas:
+    """The replicas of a model that runs whole in each of ``dp`` processes started by
+    torchrun (a Hugging Face model under ``hcx eval --dp N``)."""
+    if dp == 1:
+        return Replicas()
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world != dp:
+        raise ModelOpenError(f"--dp {dp} needs {dp} processes, {world} were started")
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")  # only Python objects travel: gloo on GPUs too
+    return Replicas(dist.get_rank(), dp, None)
+
+
 def open_model(path: str, *, tp: int = 1, budget: Budget | None = None, dtype: str = "float32",
-               log=print) -> LanguageModel:
-    """An hcx checkpoint or a Hugging Face directory, told apart by what is in it."""
+               log=print, dp: int = 1) -> LanguageModel:
+    """An hcx checkpoint or a Hugging Face directory, told apart by what is in it;
+    ``dp`` replicas of it when ``tp * dp`` processes run this (``hcx eval --dp``)."""
     p = Path(path)
     if not p.exists():
         raise ModelOpenError(f"{path}: no such checkpoint or model directory")
@@ -514,5 +577,5 @@ def open_model(path: str, *, tp: int = 1, budget: Budget | None = None, dtype: s
         if tp != 1:
             raise ModelOpenError(f"{path}: --tp applies to hcx checkpoints; a Hugging Face "
                                  "directory runs in one process")
-        return HFModel(path, dtype=dtype, budget=budget)
-    return HcxModel(path, tp=tp, budget=budget, log=log)
+        return HFModel(path, dtype=dtype, budget=budget, dp=dp)
+    return HcxModel(path, tp=tp, budget=budget, log=log, dp=dp)

@@ -130,3 +130,20 @@ def test_hcx_model_samples_from_a_seed(sft_checkpoint):
     assert len(set(first[1:])) > 1  # a random 2-layer model: other seeds differ
     assert first[0] != greedy[0]
     assert mixed == [greedy[0], first[0]]
+
+
+def test_eval_dp2_equals_dp1(sft_checkpoint, hf_dir, tmp_path):
+    """--dp 2 (two replicas, each running every other batch of the single-process plan)
+    writes exactly the samples and scores of --dp 1: log-likelihoods, greedy and sampled
+    generations alike, for an hcx checkpoint and a Hugging Face directory."""
+    args = ["--tasks", "kobest_copa,gsm8k", "--limit", "6", "--batch-size", "2",
+            "--samples", "2", "--temperature", "1.0", "--max-new-tokens", "6"]
+    for name, model in (("hcx", sft_checkpoint), ("hf", hf_dir)):
+        one, two = tmp_path / f"{name}-dp1", tmp_path / f"{name}-dp2"
+        hcx("eval", str(model), *args, "--out", str(one))
+        hcx("eval", str(model), *args, "--dp", "2", "--out", str(two))
+        for task in ("kobest_copa", "gsm8k"):
+            ours = (two / "samples" / f"{task}.jsonl").read_text()
+            assert ours == (one / "samples" / f"{task}.jsonl").read_text()
+            assert len(ours.splitlines()) == 6
+        assert _scores(two) == _scores(one)
