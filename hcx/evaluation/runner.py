@@ -110,6 +110,8 @@ def evaluate(model: LanguageModel, tasks: list[Task], out_dir: Path, limit: int 
         entry = {
             "language": spec.language, "category": spec.category, "kind": spec.kind,
             **({"mode": spec.mode} if spec.kind == "multiple_choice" else {}),
+            **({"shuffle_seed": spec.generate.shuffle_seed, "cot": spec.generate.cot}
+               if spec.kind == "multiple_choice" and spec.mode == "generate" else {}),
             **({"samples": spec.generation.samples, "temperature": spec.generation.temperature,
                 "top_p": spec.generation.top_p} if spec.generation.samples > 1 else {}),
             "n": len(docs), "num_fewshot": spec.fewshot.n, "version": task.fingerprint,

@@ -266,3 +266,23 @@ def test_plots_without_a_hangul_font_stay_ascii(tmp_path, monkeypatch):
         pngs = plots.render_plots(merge_runs(runs))
     assert set(pngs) == {"categories", "tasks"}
     assert not [w for w in caught if "glyph" in str(w.message).lower()]
+
+
+def test_how_tasks_were_asked_is_shown_and_differences_warned(tmp_path):
+    """A task asked another way than the plain one (sampled, generated answers) says so
+    beside its name; runs that asked a task differently get a warning (their delta
+    compares different measurements)."""
+    from hcx.evaluation.report.merge import how_asked
+
+    sampled = {**_acc("en", "math", 0.30, primary="maj@8"), "samples": 8, "temperature": 0.6,
+               "top_p": 0.95}
+    plain = _acc("ko", "knowledge", 0.30)
+    generated = {**_acc("ko", "knowledge", 0.40), "mode": "generate", "shuffle_seed": 1, "cot": False}
+    a = _write_run(tmp_path, "a", 1, None, {"gsm8k": sampled, "kmmlu": plain})
+    b = _write_run(tmp_path, "b", 2, None, {"gsm8k": sampled, "kmmlu": generated})
+    md = build_report([a, b], tmp_path / "report")["md"].read_text(encoding="utf-8")
+    assert "| gsm8k (8 samples, T=0.6, top-p 0.95) | en | math |" in md
+    assert "kmmlu: the runs asked it differently (a: default, b: generated answer, options " \
+           "shuffled)" in md
+    assert how_asked({"mode": "loglikelihood"}) == ""
+    assert how_asked({"mode": "generate", "cot": True}) == "generated answer, CoT"

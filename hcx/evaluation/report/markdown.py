@@ -104,7 +104,8 @@ def render_markdown(data: dict) -> str:
         for t in tnames:
             d = data["tasks"][t]
             for m, md in d["metrics"].items():
-                row = [t, direction_text(d["language"]), d["category"], examples_text(d),
+                name = f"{t} ({d['asked']})" if d.get("asked") else t
+                row = [name, direction_text(d["language"]), d["category"], examples_text(d),
                        metric_label(m, md, d["primary"])]
                 for lab in labels:
                     s = value_with_stderr(md["runs"][lab], md["scale"])

@@ -165,8 +165,14 @@ def merge_runs(runs: list[Run], title: str | None = None) -> dict[str, Any]:
             }
             if m == primary:
                 metrics[m]["paired"] = paired_deltas(runs, tname, m)
+        asked = {r.label: how_asked(r.tasks[tname]) for r in have}
+        if len(set(asked.values())) > 1:
+            warns.append(f"{tname}: the runs asked it differently ("
+                         + ", ".join(f"{k}: {v or 'default'}" for k, v in asked.items())
+                         + "); its deltas compare different measurements.")
         tasks[tname] = {
             "language": language, "category": category, "primary": primary,
+            "asked": asked[have[0].label],
             "kind": ref.get("kind"), "section": _section(language, category),
             "n": ns, "n_mismatch": n_mismatch, "missing_in": missing, "metrics": metrics,
         }
@@ -237,6 +243,26 @@ def merge_runs(runs: list[Run], title: str | None = None) -> dict[str, Any]:
         "missing_tasks": missing_notes,
         "warnings": warns,
     }
+
+
+def how_asked(entry: dict) -> str:
+    """How a task was asked when not the plain way (choices scored by log-likelihood,
+    greedy generation), in words: ``generated answer, shuffled, CoT``, ``8 samples, T=0.6,
+    top-p 0.95``; empty for the plain way."""
+    parts = []
+    if entry.get("mode") == "generate":
+        parts.append("generated answer")
+        if entry.get("shuffle_seed") is not None:
+            parts.append("options shuffled")
+        if entry.get("cot"):
+            parts.append("CoT")
+    if (entry.get("samples") or 1) > 1:
+        parts.append(f"{entry['samples']} samples, T={entry.get('temperature', 0):g}")
+        if (entry.get("top_p") or 1.0) < 1.0:
+            parts.append(f"top-p {entry['top_p']:g}")
+    if entry.get("judge"):
+        parts.append(f"judged by {entry['judge']}")
+    return ", ".join(parts)
 
 
 def _averages(labels: list[str], members: dict[str, dict[str, float | None]]) -> dict[str, Any]:
