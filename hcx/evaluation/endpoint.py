@@ -355,8 +355,12 @@ class EndpointModel(LanguageModel):
                 for future in as_completed(futures):
                     results[futures[future]] = future.result()
                     bar.update(1)
-        except BaseException:
+        except BaseException as e:
             pool.shutdown(wait=False, cancel_futures=True)
+            if isinstance(e, KeyboardInterrupt):
+                # Requests in flight would keep the process alive until they end (up to
+                # --timeout): closing the connections ends them now.
+                self.client.close()
             raise
         pool.shutdown()
         cached = self.client.counts["cached"] - counts["cached"]

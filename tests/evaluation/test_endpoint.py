@@ -55,6 +55,7 @@ class FakeServer:
         self.requests: list[dict] = []
         self.logprobs = True  # False: completions answer without logprobs
         self.chat_only = False  # True: /v1/completions is 404
+        self.tokenize = True  # False: no /tokenize route (a hosted API)
         self.barrier: threading.Barrier | None = None  # holds completion requests together
         self.inflight = self.max_inflight = 0
         self.lock = threading.Lock()
@@ -72,7 +73,7 @@ class FakeServer:
                     return status, extra, raw
         if path == "/v1/models":
             return ok({"object": "list", "data": self.models})
-        if path == "/tokenize":
+        if path == "/tokenize" and self.tokenize:
             return ok({"tokens": [ord(c) for c in body["prompt"]]})
         if path == "/detokenize":
             return ok({"prompt": "".join(map(chr, body["tokens"]))})
@@ -230,6 +231,32 @@ def test_api_key_comes_from_the_named_variable(server, monkeypatch):
     assert all("Authorization" not in r["headers"] for r in server.requests)
 
 
+def test_a_local_tokenizer_or_none(server, tmp_path):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = Tokenizer(models.WordLevel(vocab={chr(i): i for i in range(VOCAB)}, unk_token=chr(0)))
+    chars.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    chars.decoder = decoders.Fuse()
+    PreTrainedTokenizerFast(tokenizer_object=chars, eos_token=chr(3)).save_pretrained(tmp_path)
+    server.models[0].pop("eos_token_id")
+    model = open_toy(server, tokenizer=str(tmp_path), max_length=8)
+    assert (model.encode("abc"), model.decode([97, 98]), model.eot_id) == ([97, 98, 99], "ab", 3)
+    assert model.generate([GenerationRequest("0123456789", 2)]) == [":;"]
+    assert server.sent("/v1/completions")[0]["body"]["prompt"] == ids("456789")
+    assert not server.sent("/tokenize")
+
+    server.tokenize, logged = False, []  # no tokenizer at all: prompts go as text
+    model = open_toy(server, log=logged.append)
+    assert model.generate([GenerationRequest("0123456789", 2)]) == [":;"]
+    assert server.sent("/v1/completions")[-1]["body"]["prompt"] == "0123456789"
+    assert any("no /tokenize route" in m for m in logged)
+    with pytest.raises(EndpointError, match=r"no /tokenize route.*give --tokenizer DIR"):
+        model.encode("ab")
+    with pytest.raises(EndpointError, match=r"end-of-text token id.*--tokenizer"):
+        model.eot_id
+
+
 # --- retries and errors -----------------------------------------------------------------
 
 
@@ -385,9 +412,17 @@ def test_cli_eval_against_the_server(server, tmp_path):
     scores = json.loads((out / "scores.json").read_text())
     assert scores["tasks"]["tiny_mc"]["metrics"]["acc"]["value"] == 1.0
     assert (out / "requests.jsonl").is_file()
-    bad = hcx("eval", server.url, "--tasks", str(tmp_path / "tiny_mc.yaml"), "--tp", "2",
-              "--batch-size", "4", check=False, timeout=120)
-    assert bad.returncode == 1 and "--batch-size, --tp apply to checkpoints" in bad.stderr
+
+
+def test_flags_that_do_not_fit_the_model(server, tmp_path, capsys):
+    from hcx import cli
+
+    assert cli.main(["eval", server.url, "--tasks", "kobest_copa", "--tp", "2",
+                     "--batch-size", "4"]) == 1
+    assert "--batch-size, --tp apply to checkpoints" in capsys.readouterr().err
+    assert cli.main(["eval", str(tmp_path), "--tasks", "kobest_copa", "--concurrency", "2"]) == 1
+    assert "--concurrency applies to http(s):// endpoints" in capsys.readouterr().err
+    assert not server.requests  # refused before anything was sent
 
 
 def test_default_run_dir_of_an_endpoint():
