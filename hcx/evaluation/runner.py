@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from hcx import __version__ as HCX_VERSION  # the installed package's (pyproject.toml)
+from hcx.errors import HcxError
 from hcx.evaluation import kinds
 from hcx.evaluation.interchange import RESULTS, lm_eval_results
 from hcx.evaluation.models import LanguageModel
@@ -38,8 +39,13 @@ def checkpoint_step(model: LanguageModel) -> int | None:
 
 def model_identity(model: LanguageModel) -> dict:
     """What tells one model's results from another's: its path, the training step (a
-    checkpoints folder's latest moves on as training goes on) and the weights' dtype."""
-    return {"path": model.path, "step": checkpoint_step(model), "dtype": getattr(model, "dtype", None)}
+    checkpoints folder's latest moves on as training goes on) and the weights' dtype; for
+    a served model, its URL and the name it is served under."""
+    identity = {"path": model.path, "step": checkpoint_step(model),
+                "dtype": getattr(model, "dtype", None)}
+    if model.kind == "endpoint":
+        identity["served"] = model.name
+    return identity
 
 
 def settings_key(task: Task, model: LanguageModel, limit: int | None, chat: bool) -> str:
@@ -104,7 +110,11 @@ def evaluate(model: LanguageModel, tasks: list[Task], out_dir: Path, limit: int 
             continue
         docs = load_docs(task, limit)
         start = time.perf_counter()
-        outcome = kinds.run(task, docs, model, chat=chat)
+        try:
+            outcome = kinds.run(task, docs, model, chat=chat)
+        except HcxError as e:
+            raise _naming(e, task.name, [t for t in scores["tasks"] if t != task.name],
+                          out_dir if writer else None)
         seconds = time.perf_counter() - start
         spec = task.spec
         entry = {
@@ -130,6 +140,20 @@ def evaluate(model: LanguageModel, tasks: list[Task], out_dir: Path, limit: int 
         log(f"[{i}/{len(tasks)}] {task.name}: {_summary(entry)} ({len(docs)} examples, "
             f"{seconds:.1f}s, {len(docs) / max(seconds, 1e-9):.1f}/s)")
     return scores
+
+
+def _naming(error: HcxError, task: str, finished: list[str], out_dir: Path | None) -> HcxError:
+    """``error`` with the task it stopped named (unless it names it already) and where
+    the results of the tasks already finished are. The error keeps its class (callers
+    may catch a specific one); only its message grows."""
+    message = str(error)
+    if task not in message:
+        message = f"task {task}: {message}"
+    if finished and out_dir is not None:
+        message += (f" (the results of {len(finished)} finished task(s) are in {out_dir}; "
+                    "the same command resumes after them)")
+    error.args = (message,)
+    return error
 
 
 def _summary(entry: dict) -> str:
