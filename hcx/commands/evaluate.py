@@ -33,24 +33,59 @@ def cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
     selected = tasks.resolve_tasks(names or ["all"])  # unknown names fail before any process starts
     for t in selected:  # settings that do not fit a task fail before any process starts too
         tasks.with_settings(t, **run_settings(args))
+    check_judged(selected, args.judge)
     if needs_relaunch(args.tp):
         return relaunch_with_torchrun(args.tp, argv)
     from hcx.evaluation.models import Budget, open_model
     from hcx.evaluation.runner import evaluate
 
-    model = open_model(args.model, tp=args.tp, dtype=args.dtype, log=log,
-                       budget=Budget(batch_size=args.batch_size, max_tokens=args.max_tokens))
+    budget = Budget(batch_size=args.batch_size, max_tokens=args.max_tokens)
+    model = open_model(args.model, tp=args.tp, dtype=args.dtype, log=log, budget=budget)
+    judge = None
     try:
+        judge = open_judge(args, model, budget)
         if model.rank0:
-            log(f"evaluating {model.path} on {len(selected)} tasks -> {out}")
+            log(f"evaluating {model.path} on {len(selected)} tasks -> {out}"
+                + (f" (judge: {judge.path})" if judge is not None else ""))
         evaluate(model, selected, out, limit=args.limit, chat=args.chat,
                  max_new_tokens=args.max_new_tokens, log=log if model.rank0 else lambda m: None,
-                 settings=run_settings(args))
+                 settings=run_settings(args), judge=judge)
     finally:
+        if judge is not None and judge is not model:
+            judge.close()
         model.close()
     if model.rank0:
         print(out)
     return 0
+
+
+def check_judged(selected: list, judge: str | None) -> None:
+    """Judged tasks need --judge, and their prompts and references must be usable: both
+    checked before any model is opened. A judge given without judged tasks is unused."""
+    from hcx.evaluation.judged import check, need_judge
+
+    need_judge(selected, judge)
+    for task in selected:
+        if task.spec.kind == "judged":
+            check(task)
+
+
+def open_judge(args: argparse.Namespace, model, budget):
+    """The judge model of judged tasks: the evaluated model itself when --judge names the
+    same path, else whatever open_model opens. An hcx checkpoint judge runs in the same
+    processes as the model, at the same --tp (megatron's parallel state is shared: two
+    checkpoints open side by side, as alignment keeps a frozen reference beside the
+    policy); a judge that needs other parallelism is served (`hcx serve`) and named by
+    its URL."""
+    from hcx.evaluation.models import open_model
+
+    if args.judge is None:
+        return None
+    if Path(args.judge).exists() and Path(args.judge).resolve() == Path(args.model).resolve():
+        return model
+    hf_or_remote = "://" in args.judge or (Path(args.judge) / "config.json").is_file()
+    return open_model(args.judge, tp=1 if hf_or_remote else args.tp, dtype=args.dtype, log=log,
+                      budget=budget)
 
 
 def run_settings(args: argparse.Namespace) -> dict:
@@ -123,6 +158,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--backend", choices=["hcx", "lm-eval"], default="hcx",
                    help="hcx (default): the tasks in eval/tasks; lm-eval: lm-evaluation-"
                         "harness's own Korean tasks (kobest_*) on the local data")
+    p.add_argument("--judge", metavar="JUDGE",
+                   help="the LLM judge of judged tasks (mt_bench, ko_mt_bench; suite chat): "
+                        "an hcx checkpoint (run at --tp beside the model; the model's own path "
+                        "reuses it), a Hugging Face directory, or an endpoint URL")
     p.add_argument("--list", action="store_true", help="list tasks and suites and exit")
     p.set_defaults(func=cmd_eval)
 
