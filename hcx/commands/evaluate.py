@@ -43,7 +43,7 @@ def cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
     model = open_model(args.model, tp=args.tp, dtype=args.dtype, log=log, budget=budget)
     judge = None
     try:
-        judge = open_judge(args, model, budget)
+        judge = open_judge(args, model, budget, selected)
         if model.rank0:
             log(f"evaluating {model.path} on {len(selected)} tasks -> {out}"
                 + (f" (judge: {judge.path})" if judge is not None else ""))
@@ -70,16 +70,16 @@ def check_judged(selected: list, judge: str | None) -> None:
             check(task)
 
 
-def open_judge(args: argparse.Namespace, model, budget):
+def open_judge(args: argparse.Namespace, model, budget, selected: list):
     """The judge model of judged tasks: the evaluated model itself when --judge names the
     same path, else whatever open_model opens. An hcx checkpoint judge runs in the same
     processes as the model, at the same --tp (megatron's parallel state is shared: two
     checkpoints open side by side, as alignment keeps a frozen reference beside the
     policy); a judge that needs other parallelism is served (`hcx serve`) and named by
-    its URL."""
+    its URL. None when no judged task is asked for (the judge is not loaded)."""
     from hcx.evaluation.models import open_model
 
-    if args.judge is None:
+    if args.judge is None or not any(t.spec.kind == "judged" for t in selected):
         return None
     if Path(args.judge).exists() and Path(args.judge).resolve() == Path(args.model).resolve():
         return model

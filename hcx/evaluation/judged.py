@@ -102,8 +102,8 @@ def need_judge(tasks: list[Task], judge: object | None) -> None:
     if names and judge is None:
         raise TaskError(f"task{'s' if len(names) > 1 else ''} {', '.join(names)} "
                         f"{'are' if len(names) > 1 else 'is'} graded by an LLM judge: give one "
-                        "with --judge (an hcx checkpoint, a Hugging Face directory or an "
-                        "endpoint URL; docs/eval.md, 'Judged tasks')")
+                        "with --judge (hcx.evaluate: judge=): an hcx checkpoint, a Hugging "
+                        "Face directory or an endpoint URL (docs/eval.md, 'Judged tasks')")
 
 
 def check(task: Task) -> None:

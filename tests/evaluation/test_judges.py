@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -350,6 +351,14 @@ def test_cli_mt_bench_with_a_tiny_judge_and_its_report(sft_checkpoint, tmp_path)
     record = json.loads((out / "samples" / "mt_bench.jsonl").read_text().splitlines()[0])
     assert record["judge_prompts"] == ["single-v1", "single-v1-multi-turn"]
     assert len(record["answers"]) == len(record["judgments"]) == 2
+    # another hcx checkpoint as the judge: two checkpoints open in one process
+    other = tmp_path / "judge"
+    shutil.copytree(sft_checkpoint, other)
+    hcx("eval", str(sft_checkpoint), "--tasks", "ko_mt_bench", "--limit", "2", "--judge",
+        str(other), "--max-new-tokens", "8", "--out", str(out))
+    scores = json.loads((out / "scores.json").read_text())["tasks"]
+    assert scores["ko_mt_bench"]["judging"]["judge"]["path"] == str(other.resolve())
+    assert scores["ko_mt_bench"]["judging"]["judged_turns"] == 4 and "mt_bench" in scores
     hcx("report", str(out), "--out", str(tmp_path / "report"))
     png = tmp_path / "report" / "judged_categories.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -357,3 +366,42 @@ def test_cli_mt_bench_with_a_tiny_judge_and_its_report(sft_checkpoint, tmp_path)
     assert "## Judged tasks by category" in md and "](judged_categories.png)" in md
     html = (tmp_path / "report" / "report.html").read_text(encoding="utf-8")
     assert 'alt="score per category of the judged tasks"' in html
+
+
+# --- the report --------------------------------------------------------------------------
+
+def _judged_run(root: Path, name: str, math_score: float, writing_score: float) -> Path:
+    def m(v, hib=True):
+        return {"value": v, "stderr": 0.5 if v is not None else None, "higher_is_better": hib}
+
+    overall = (math_score + writing_score) / 2
+    entry = {"language": "ko", "category": "chat", "kind": "judged", "n": 4, "primary": "score",
+             "metrics": {"score": m(overall), "score_turn1": m(overall), "score_turn2": m(overall),
+                         "unparsed": m(0.25, False)},
+             "breakdown": {"category": {"groups": {
+                 "math": {"n": 2, "score": m(math_score)},
+                 "writing": {"n": 2, "score": m(writing_score)}}, "macro": {"score": overall}}}}
+    run = root / name
+    run.mkdir()
+    (run / "scores.json").write_text(json.dumps({
+        "format": 1, "model": {"name": name, "path": f"/{name}", "kind": "hcx"},
+        "tasks": {"ko_mt_bench": entry}}))
+    return run
+
+
+def test_report_shows_judged_scores_per_category(tmp_path):
+    from hcx.evaluation.report import build_report, load_run, merge_runs
+
+    runs = [_judged_run(tmp_path, "base", 4.0, 6.0), _judged_run(tmp_path, "sft", 5.5, 7.25)]
+    data = merge_runs([load_run(r) for r in runs])
+    score = data["tasks"]["ko_mt_bench"]["metrics"]["score"]
+    assert score["scale"] == 10.0 and score["display"] == {"base": 50.0, "sft": 63.75}
+    assert data["tasks"]["ko_mt_bench"]["metrics"]["unparsed"]["scale"] == 100.0
+    assert data["judged"] == {"ko_mt_bench": {"categories": ["math", "writing"], "runs": {
+        "base": {"math": 4.0, "writing": 6.0}, "sft": {"math": 5.5, "writing": 7.25}}}}
+    paths = build_report(runs, tmp_path / "report")
+    md = paths["md"].read_text(encoding="utf-8")
+    assert "| math | 4.00 | 5.50 |" in md and "| writing | 6.00 | 7.25 |" in md
+    assert paths["judged_png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    html = paths["html"].read_text(encoding="utf-8")
+    assert html.count("<img ") == 3 and "<td>7.25</td>" in html
