@@ -65,21 +65,32 @@ def align(recipe: Recipe | str | Path, overrides: Sequence[str] = ()) -> list[di
 
 def evaluate(model: str | Path, tasks: Sequence[str], out: str | Path, *,
              limit: int | None = None, chat: bool = False, max_new_tokens: int | None = None,
-             batch_size: int = 16, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+             batch_size: int = 16, log: Callable[[str], None] | None = None,
+             judge: str | Path | None = None) -> dict[str, Any]:
     """Evaluate an hcx checkpoint or a Hugging Face directory on tasks and suites (names
     as ``hcx eval --tasks`` takes them, or task YAML files) into the run directory
-    ``out``; returns its scores (the contents of ``scores.json``)."""
+    ``out``; returns its scores (the contents of ``scores.json``). ``judge``: the LLM
+    judge of judged tasks (MT-Bench), as ``hcx eval --judge`` takes it."""
+    from hcx.evaluation.judged import need_judge
     from hcx.evaluation.models import Budget, open_model
     from hcx.evaluation.runner import evaluate as run
     from hcx.evaluation.tasks import resolve_tasks
 
     selected = resolve_tasks(list(tasks))
+    need_judge(selected, judge)
     quiet = log or (lambda msg: None)
-    model_obj = open_model(str(model), log=quiet, budget=Budget(batch_size=batch_size))
+    budget = Budget(batch_size=batch_size)
+    model_obj = open_model(str(model), log=quiet, budget=budget)
+    judge_obj = None
     try:
+        if judge is not None:
+            same = Path(judge).exists() and Path(judge).resolve() == Path(model).resolve()
+            judge_obj = model_obj if same else open_model(str(judge), log=quiet, budget=budget)
         return run(model_obj, selected, Path(out), limit=limit, chat=chat,
-                   max_new_tokens=max_new_tokens, log=quiet)
+                   max_new_tokens=max_new_tokens, log=quiet, judge=judge_obj)
     finally:
+        if judge_obj is not None and judge_obj is not model_obj:
+            judge_obj.close()
         model_obj.close()
 
 

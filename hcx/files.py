@@ -20,12 +20,17 @@ def write_text_atomic(path: str | os.PathLike, text: str, mode: int | None = Non
     over ``path``. The file gets ``mode``, else the permissions of any new file (0666 less
     the umask; mkstemp's own 0600 would hide reports and scores from other users). The
     temporary file is removed if anything fails."""
+    return write_bytes_atomic(path, text.encode("utf-8"), mode)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes, mode: int | None = None) -> Path:
+    """:func:`write_text_atomic` for bytes (a report's PNG chart)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, mode if mode is not None else 0o666 & ~_umask())
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

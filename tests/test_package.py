@@ -99,13 +99,17 @@ def test_the_core_install_leaves_evaluation_dependencies_to_the_eval_extra(wheel
                 if line.startswith("Requires-Dist:")]
     core = [r for r in requires if "extra ==" not in r]
     eval_extra = [r for r in requires if 'extra == "eval"' in r]
-    for name in ("lm-eval", "sacrebleu", "mecab-ko", "langdetect", "matplotlib", "jinja2"):
+    for name in ("lm-eval", "sacrebleu", "mecab-ko", "langdetect", "matplotlib", "jinja2", "httpx"):
         assert not any(r.lower().startswith(name) for r in core), (name, core)
         assert any(r.lower().startswith(name) for r in eval_extra), (name, eval_extra)
     assert any(r.startswith("lm-eval==") for r in eval_extra)
     assert any(r.startswith("torch") for r in core) and any(r.startswith("megatron-core") for r in core)
     test_extra = [r for r in requires if 'extra == "test"' in r]
-    assert any(r.startswith("hcx[eval]") for r in test_extra)
+    assert any(r.startswith("hcx[eval,serve]") for r in test_extra)
+    serve_extra = [r for r in requires if 'extra == "serve"' in r]  # hcx serve
+    for name in ("fastapi", "uvicorn"):
+        assert not any(r.lower().startswith(name) for r in core), (name, core)
+        assert any(r.lower().startswith(name) for r in serve_extra), (name, serve_extra)
     assert any(r.startswith("pytest") for r in test_extra) and any(r.startswith("trl==1.5.1") for r in test_extra)
 
 

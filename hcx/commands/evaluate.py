@@ -40,6 +40,7 @@ def cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
     selected = tasks.resolve_tasks(names or ["all"])  # unknown names fail before any process starts
     for t in selected:  # settings that do not fit a task fail before any process starts too
         tasks.with_settings(t, **run_settings(args))
+    check_judged(selected, args.judge)
     if args.dp < 1 or args.tp < 1:
         raise tasks.TaskError("--tp and --dp are at least 1")
     if needs_relaunch(args.tp * args.dp):
@@ -47,13 +48,16 @@ def cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
     from hcx.evaluation.models import Budget, open_model
     from hcx.evaluation.runner import evaluate
 
+    budget = Budget(batch_size=args.batch_size or DEFAULT_BATCH_SIZE,
+                    max_tokens=args.max_tokens or DEFAULT_MAX_TOKENS)
     if served:
         model = open_model(args.model, endpoint=endpoint_options(args), log=log)
     else:
         model = open_model(args.model, tp=args.tp, dp=args.dp, dtype=args.dtype or "float32",
-                           log=log, budget=Budget(batch_size=args.batch_size or DEFAULT_BATCH_SIZE,
-                                                  max_tokens=args.max_tokens or DEFAULT_MAX_TOKENS))
+                           log=log, budget=budget)
+    judge = None
     try:
+        judge = open_judge(args, model, budget, selected)
         # a served model's name is known once the server has listed it
         out = Path(args.out) if args.out else default_eval_dir(
             args.model, args.limit, args.backend, served=model.name if served else None)
@@ -63,11 +67,14 @@ def cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
             model.use_request_cache(out / REQUEST_CACHE)
         if model.rank0:
             log(f"evaluating {model.path}{f' ({model.name})' if served else ''} on "
-                f"{len(selected)} tasks -> {out}")
+                f"{len(selected)} tasks -> {out}"
+                + (f" (judge: {judge.path})" if judge is not None else ""))
         evaluate(model, selected, out, limit=args.limit, chat=args.chat,
                  max_new_tokens=args.max_new_tokens, log=log if model.rank0 else lambda m: None,
-                 settings=run_settings(args))
+                 settings=run_settings(args), judge=judge)
     finally:
+        if judge is not None and judge is not model:
+            judge.close()
         model.close()
     if model.rank0:
         print(out)
@@ -116,6 +123,40 @@ def endpoint_options(args: argparse.Namespace):
              "max_retries": args.max_retries, "api": args.api, "tokenizer": args.tokenizer,
              "max_length": args.max_length}
     return EndpointOptions(**{k: v for k, v in given.items() if v is not None})
+
+
+def check_judged(selected: list, judge: str | None) -> None:
+    """Judged tasks need --judge, and their prompts and references must be usable: both
+    checked before any model is opened. A judge given without judged tasks is unused."""
+    from hcx.evaluation.judged import check, need_judge
+
+    need_judge(selected, judge)
+    for task in selected:
+        if task.spec.kind == "judged":
+            check(task)
+
+
+def open_judge(args: argparse.Namespace, model, budget, selected: list):
+    """The judge model of judged tasks: the evaluated model itself when --judge names the
+    same path, else whatever open_model opens. An hcx checkpoint judge runs in the same
+    processes as the model, at the same --tp (megatron's parallel state is shared: two
+    checkpoints open side by side, as alignment keeps a frozen reference beside the
+    policy); a judge that needs other parallelism is served (`hcx serve`) and named by
+    its URL. None when no judged task is asked for (the judge is not loaded)."""
+    from hcx.evaluation.endpoint_client import is_endpoint
+    from hcx.evaluation.models import open_model
+
+    if args.judge is None or not any(t.spec.kind == "judged" for t in selected):
+        return None
+    if args.judge == args.model or (
+            Path(args.judge).exists() and Path(args.judge).resolve() == Path(args.model).resolve()):
+        return model
+    if is_endpoint(args.judge):  # served: the endpoint flags are the evaluated model's
+        return open_model(args.judge, log=log)
+    hf = (Path(args.judge) / "config.json").is_file()
+    # the judge runs in the evaluation's processes: as many replicas as the model
+    return open_model(args.judge, tp=1 if hf else args.tp, dp=args.dp,
+                      dtype=args.dtype or "float32", log=log, budget=budget)
 
 
 def run_settings(args: argparse.Namespace) -> dict:
@@ -228,6 +269,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--backend", choices=["hcx", "lm-eval"], default="hcx",
                    help="hcx (default): the tasks in eval/tasks; lm-eval: lm-evaluation-"
                         "harness's own Korean tasks (kobest_*) on the local data")
+    p.add_argument("--judge", metavar="JUDGE",
+                   help="the LLM judge of judged tasks (mt_bench, ko_mt_bench; suite chat): "
+                        "an hcx checkpoint (run at --tp beside the model; the model's own path "
+                        "reuses it), a Hugging Face directory, or an endpoint URL")
     p.add_argument("--list", action="store_true", help="list tasks and suites and exit")
     p.set_defaults(func=cmd_eval)
 

@@ -471,8 +471,15 @@ def ifeval(task: Task, docs: list[dict], model: LanguageModel, chat: bool = Fals
     return Outcome(records, {m: MetricValue(*agg[m]) for m in task.spec.metrics})
 
 
-def run(task: Task, docs: list[dict], model: LanguageModel, chat: bool = False) -> Outcome:
+def run(task: Task, docs: list[dict], model: LanguageModel, chat: bool = False,
+        judge: LanguageModel | None = None) -> Outcome:
+    """Run one task. ``judge``: the model that grades judged tasks (``hcx eval --judge``);
+    the others ignore it."""
     kind = task.spec.kind
+    if kind == "judged":  # chat by construction; reports its own per-category breakdown
+        from hcx.evaluation.judged import judged
+
+        return Outcome(*judged(task, docs, model, judge))
     if kind == "multiple_choice":
         outcome = multiple_choice(task, docs, model, chat)
     elif kind == "bias":

@@ -20,6 +20,7 @@ from hcx import __version__ as HCX_VERSION  # the installed package's (pyproject
 from hcx.errors import HcxError
 from hcx.evaluation import kinds
 from hcx.evaluation.interchange import RESULTS, lm_eval_results
+from hcx.evaluation.judged import need_judge
 from hcx.evaluation.models import LanguageModel
 from hcx.evaluation.tasks import Task, load_docs, with_settings
 from hcx.files import write_text_atomic
@@ -48,10 +49,15 @@ def model_identity(model: LanguageModel) -> dict:
     return identity
 
 
-def settings_key(task: Task, model: LanguageModel, limit: int | None, chat: bool) -> str:
-    """What a task's result depends on: a stored result with another key is re-run."""
-    return json.dumps({"task": task.fingerprint, "model": model_identity(model),
-                       "limit": limit, "chat": chat}, sort_keys=True)
+def settings_key(task: Task, model: LanguageModel, limit: int | None, chat: bool,
+                 judge: LanguageModel | None = None) -> str:
+    """What a task's result depends on: a stored result with another key is re-run. A
+    judged task's result depends on its judge too (another judge, or another step of
+    it, grades anew)."""
+    key = {"task": task.fingerprint, "model": model_identity(model), "limit": limit, "chat": chat}
+    if task.spec.kind == "judged":
+        key["judge"] = model_identity(judge) if judge is not None else None
+    return json.dumps(key, sort_keys=True)
 
 
 def load_scores(out_dir: Path) -> dict | None:
@@ -62,24 +68,31 @@ def load_scores(out_dir: Path) -> dict | None:
 
 
 def cap_generation(task: Task, max_new_tokens: int | None) -> Task:
-    """The task with its generation length capped (a smoke run's ``--max-new-tokens``)."""
-    gen = task.spec.generation
-    if max_new_tokens is None or gen.max_new_tokens <= max_new_tokens:
+    """The task with its generation length capped (a smoke run's ``--max-new-tokens``),
+    its judge's too."""
+    if max_new_tokens is None:
         return task
-    capped = gen.model_copy(update={"max_new_tokens": max_new_tokens})
-    return Task(task.spec.model_copy(update={"generation": capped}), task.file)
+    update = {}
+    gen, judge = task.spec.generation, task.spec.judge
+    if gen.max_new_tokens > max_new_tokens:
+        update["generation"] = gen.model_copy(update={"max_new_tokens": max_new_tokens})
+    if judge is not None and judge.max_new_tokens > max_new_tokens:
+        update["judge"] = judge.model_copy(update={"max_new_tokens": max_new_tokens})
+    return Task(task.spec.model_copy(update=update), task.file) if update else task
 
 
 def evaluate(model: LanguageModel, tasks: list[Task], out_dir: Path, limit: int | None = None,
              chat: bool = False, max_new_tokens: int | None = None, log=print,
-             settings: dict | None = None) -> dict:
+             settings: dict | None = None, judge: LanguageModel | None = None) -> dict:
     """Run ``tasks`` on ``model``; write and return the scores (rank 0 writes).
     ``settings``: run-time choices applied to every task they fit
     (:func:`hcx.evaluation.tasks.with_settings`: ``mc_mode``, ``shuffle_seed``,
     ``samples``, ``temperature``, ``top_p``); they change the tasks' fingerprints, so
-    results of other settings are re-run, not kept."""
+    results of other settings are re-run, not kept. ``judge``: the model grading judged
+    tasks (MT-Bench); their results are kept only for the same judge."""
     out_dir = Path(out_dir)
     tasks = [cap_generation(with_settings(t, **(settings or {})), max_new_tokens) for t in tasks]
+    need_judge(tasks, judge)  # before any task runs
     writer = model.rank0
     if writer:
         (out_dir / "samples").mkdir(parents=True, exist_ok=True)
@@ -103,7 +116,7 @@ def evaluate(model: LanguageModel, tasks: list[Task], out_dir: Path, limit: int 
         "tasks": dict(previous.get("tasks", {})),
     }
     for i, task in enumerate(tasks, 1):
-        key = settings_key(task, model, limit, chat)
+        key = settings_key(task, model, limit, chat, judge)
         done = scores["tasks"].get(task.name)
         if done and done.get("settings") == key and (out_dir / "samples" / f"{task.name}.jsonl").is_file():
             log(f"[{i}/{len(tasks)}] {task.name}: done before, kept ({_summary(done)})")
@@ -111,7 +124,7 @@ def evaluate(model: LanguageModel, tasks: list[Task], out_dir: Path, limit: int 
         docs = load_docs(task, limit)
         start = time.perf_counter()
         try:
-            outcome = kinds.run(task, docs, model, chat=chat)
+            outcome = kinds.run(task, docs, model, chat=chat, judge=judge)
         except HcxError as e:
             raise _naming(e, task.name, [t for t in scores["tasks"] if t != task.name],
                           out_dir if writer else None)
@@ -160,5 +173,7 @@ def _summary(entry: dict) -> str:
     m = entry["metrics"].get(entry["primary"])
     if not m:
         return "no metrics"
+    if m["value"] is None:  # undefined (a judged task whose every verdict was unparsed)
+        return f"{entry['primary']} undefined"
     err = f" ± {m['stderr']:.4f}" if m.get("stderr") is not None else ""
     return f"{entry['primary']} {m['value']:.4f}{err}"

@@ -24,14 +24,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from hcx.config import RecipeError, Strict, load_config
 from hcx.errors import HcxError
 from hcx.paths import data_root
 from hcx.resources import shipped_file, suites_dir, tasks_dir
 
-Kind = Literal["multiple_choice", "generation", "translation", "bias", "code", "ifeval"]
+Kind = Literal["multiple_choice", "generation", "translation", "bias", "code", "ifeval", "judged"]
 
 KIND_METRICS: dict[str, tuple[str, ...]] = {
     "multiple_choice": ("acc", "acc_norm", "mc2"),
@@ -42,6 +42,7 @@ KIND_METRICS: dict[str, tuple[str, ...]] = {
     "code": ("pass@k",),
     "ifeval": ("prompt_level_strict_acc", "inst_level_strict_acc",
                "prompt_level_loose_acc", "inst_level_loose_acc"),
+    "judged": ("score", "score_turn1", "score_turn2", "unparsed", "penalised"),
 }
 
 
@@ -184,6 +185,60 @@ class IFEvalSpec(Strict):
     kwargs: str = "kwargs"
 
 
+class LanguagePenaltySpec(Strict):
+    """KoMT-Bench's deduction for answers in another language than the questions': the
+    judge's rating r of such an answer becomes sqrt(r) (1..10 -> 1..3.16)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    language: Literal["ko"] = Field(description="the language answers must be in (ko: told "
+                                                "by the share of Hangul, hcx.evaluation.judged)")
+    rule: Literal["sqrt"] = "sqrt"
+    exempt: list[int] = Field(default_factory=list, alias="except",
+                              description="question ids never penalised (KoMT-Bench: 138, 140, "
+                                          "whose answers may rightly be in English)")
+
+
+class JudgeSpec(Strict):
+    """How a judged task grades its answers with an LLM judge (``hcx eval --judge``):
+    FastChat's single-answer grading, each turn rated 1-10 (hcx.evaluation.judges)."""
+
+    prompts: str = Field(description="judge prompts (FastChat judge_prompts.jsonl, or YAML), "
+                                     "relative to the data root (or absolute)")
+    references: str | None = Field(default=None, description="reference answers (FastChat "
+                                   "reference_answer/*.jsonl: question_id, choices[0].turns)")
+    reference_categories: list[str] = Field(
+        default_factory=lambda: ["math", "reasoning", "coding"],
+        description="categories graded with a reference answer (FastChat's NEED_REF_CATS)")
+    id: str = Field(default="question_id", description="expression: the question's id "
+                                                       "(joins the references)")
+    turns: str = Field(default="turns", description="expression: the user turns (1 or 2); "
+                                                    "each is rendered with `prompt` as `turn`")
+    group: str = Field(default="category", description="expression: the question's category")
+    max_new_tokens: int = Field(default=2048, gt=0, description="the judge's (FastChat's 2048)")
+    prompt_names: dict[str, str] = Field(
+        default_factory=dict, description="override the prompt a grading uses: keys single, "
+        "single_reference, single_turn2, single_reference_turn2; values prompt names")
+    category_temperatures: dict[str, float] = Field(
+        default_factory=dict, description="sample the model's answers of these categories at "
+        "these temperatures (FastChat: writing/roleplay 0.7, stem/humanities 0.1); default: "
+        "every answer greedy")
+    language_penalty: LanguagePenaltySpec | None = None
+
+    @model_validator(mode="after")
+    def _names(self):
+        bad = sorted(set(self.prompt_names) - set(PROMPT_NAME_KEYS))
+        if bad:
+            raise ValueError(f"judge.prompt_names: unknown keys {bad}; use {list(PROMPT_NAME_KEYS)}")
+        return self
+
+
+#: ``judge.prompt_names`` keys: (type, with reference, turn) of the grading they name.
+PROMPT_NAME_KEYS = {"single": ("single", False, 1), "single_reference": ("single", True, 1),
+                    "single_turn2": ("single", False, 2),
+                    "single_reference_turn2": ("single", True, 2)}
+
+
 class TaskSpec(Strict):
     name: str
     description: str = ""
@@ -219,6 +274,7 @@ class TaskSpec(Strict):
     bias: BiasSpec | None = None
     code: CodeSpec | None = None
     ifeval: IFEvalSpec | None = None
+    judge: JudgeSpec | None = None
     process_docs: str | None = Field(
         default=None, description="'module:function' or 'file.py:function' taking and "
                                   "returning the list of docs (hcx.evaluation.functions)")
@@ -266,7 +322,7 @@ class TaskSpec(Strict):
             raise ValueError(f"primary {self.primary!r} is not one of metrics {self.metrics}")
         needs = {"multiple_choice": ("target",), "bias": ("choices", "target", "bias"),
                  "generation": ("target",), "translation": ("target",), "code": ("code",),
-                 "ifeval": ("ifeval",)}[self.kind]
+                 "ifeval": ("ifeval",), "judged": ("judge",)}[self.kind]
         missing = [k for k in needs if getattr(self, k) is None]
         if self.kind == "multiple_choice" and self.choices is None and self.contexts is None:
             missing.append("choices (or contexts)")
@@ -443,7 +499,10 @@ def resolve_tasks(names: list[str]) -> list[Task]:
 # --- documents -----------------------------------------------------------------------
 
 
-def _data_file(task: Task, rel: str) -> Path:
+def data_file(task: Task, rel: str) -> Path:
+    """A data file a task names: relative to the data root (``eval/x/test.jsonl``, or
+    ``data://eval/x/test.jsonl``) or absolute; an error naming the task when missing."""
+    rel = rel.removeprefix("data://")
     path = Path(rel)
     if not path.is_absolute():
         path = data_root() / rel
@@ -498,7 +557,7 @@ def read_dataset(task: Task, spec: DatasetSpec) -> list[dict]:
     else:
         files = [spec.files] if isinstance(spec.files, str) else list(spec.files or [])
         for rel in files:
-            path = _data_file(task, rel)
+            path = data_file(task, rel)
             with path.open(encoding="utf-8") as f:
                 for lineno, line in enumerate(f, 1):
                     if not line.strip():

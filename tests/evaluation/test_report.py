@@ -286,3 +286,4 @@ def test_how_tasks_were_asked_is_shown_and_differences_warned(tmp_path):
            "shuffled)" in md
     assert how_asked({"mode": "loglikelihood"}) == ""
     assert how_asked({"mode": "generate", "cot": True}) == "generated answer, CoT"
+    assert how_asked({"judging": {"judge": {"name": "gpt-4o"}}}) == "judged by gpt-4o"

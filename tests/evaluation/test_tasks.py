@@ -88,6 +88,12 @@ def test_every_shipped_task_renders_on_its_data():
         docs = T.load_docs(task, limit=40)
         shots = T.FewShot(task)
         for doc in docs:
+            if spec.kind == "judged":  # a prompt per user turn (tests/evaluation/test_judges.py)
+                from hcx.evaluation.judged import questions_of
+
+                (asked,) = questions_of(task, [doc])
+                assert all(t.strip() for t in asked["turns"]) and asked["category"], task.name
+                continue
             prompt = task.prompt(doc)
             assert prompt and not any(ord(c) < 9 for c in prompt), (task.name, prompt)
             if spec.kind in ("multiple_choice", "bias"):
@@ -109,7 +115,9 @@ def test_suites_cover_the_report_languages():
     assert langs["translation"] == {"ko-en", "en-ko"}
     assert {"kobbq", "bbq"} <= set(members["safety"])
     kinds_in_all = {T.load_task(t).spec.kind for t in everything}
-    assert kinds_in_all == set(T.KIND_METRICS)
+    # judged tasks need --judge: they are in the chat suite, not in `all`
+    assert kinds_in_all == set(T.KIND_METRICS) - {"judged"}
+    assert {T.load_task(t).spec.kind for t in T.suite_members("chat")} == {"judged"}
     # suites run offline: tasks whose data is on the Hub only are in none
     in_suites = {t for s in T.available_suites() for t in T.suite_members(s)}
     assert not in_suites & HUB_ONLY

@@ -10,6 +10,7 @@ from hcx.evaluation.report.formatting import (
     DAGGER, DASH, LANG_SHORT, delta_text, delta_verdict, direction_text, examples_text,
     footnotes, metric_label, noise_mark, score_text, sections_with_tasks, summary_categories,
     text_or_dash, value_with_stderr)
+from hcx.evaluation.report.markdown import judged_value
 from hcx.evaluation.report.merge import LANGS, TRANSLATION_METRICS
 from hcx.evaluation.report.plots import run_colours
 
@@ -18,7 +19,7 @@ TEMPLATE = "report.html.j2"
 # The text helpers report.md uses, as template filters: both pages print the same numbers.
 FILTERS = {f.__name__: f for f in (delta_text, delta_verdict, direction_text, examples_text,
                                    metric_label, noise_mark, score_text, text_or_dash,
-                                   value_with_stderr)}
+                                   value_with_stderr, judged_value)}
 
 
 @functools.cache

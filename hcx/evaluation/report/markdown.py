@@ -11,6 +11,15 @@ from hcx.evaluation.report.formatting import (
 from hcx.evaluation.report.merge import LANGS, TRANSLATION_METRICS
 
 
+#: The judged tasks' category chart, written beside report.md when there are any.
+JUDGED_PNG = "judged_categories.png"
+
+
+def judged_value(x: float | None) -> str:
+    """A judge score on its own 1-10 scale."""
+    return DASH if x is None else f"{x:.2f}"
+
+
 def _md_cell(s: Any) -> str:
     return str(s).replace("|", "\\|").replace("\n", " ")
 
@@ -115,6 +124,17 @@ def render_markdown(data: dict) -> str:
                 rows.append(row)
         out.append(_md_table(header, rows, ["l"] * 5 + ["r"] * len(labels)))
         out.append("")
+    if data.get("judged"):
+        out += ["## Judged tasks by category", "",
+                "Each question category's mean judge score, on the judge's 1-10 scale (the "
+                "tables above show judged scores ×10).", ""]
+        for task, d in data["judged"].items():
+            out += [f"**{task}**", ""]
+            out.append(_md_table(["Category"] + labels,
+                                 [[c] + [judged_value(d["runs"][lab][c]) for lab in labels]
+                                  for c in d["categories"]]))
+            out.append("")
+        out += [f"![score per category of the judged tasks]({JUDGED_PNG})", ""]
     out.append("`*` primary metric; `↓` lower is better; value ± standard error; "
                f"{DASH} task not run.")
     out.append("")

@@ -8,6 +8,11 @@ TER are 0..100 already. ``report.json`` keeps each metric's raw ``value``/``stde
 in ``scores.json`` plus the ``scale`` applied for display; category means and all deltas
 in it are on the display (0-100) scale.
 
+Judged tasks (MT-Bench, kind ``judged``) rate answers 1..10: their ``score`` metrics are
+shown x10, on the same 0-100 scale as the rest; their per-category scores (the task's
+``breakdown.category``) are kept on the judge's own 1-10 scale in ``judged`` (the report's
+category chart and table).
+
 Category averages are the mean of each task's primary metric (display scale) over the
 tasks a run has in that category and language; a task whose primary metric is
 lower-is-better is left out of averages (it is listed as such). Deltas are the displayed
@@ -149,6 +154,7 @@ def merge_runs(runs: list[Run], title: str | None = None) -> dict[str, Any]:
             values = [_number(e.get("value")) for e in entries.values() if e]
             values = [v for v in values if v is not None]
             scale = 1.0 if m.lower() in PERCENT_METRICS else (
+                10.0 if ref.get("kind") == "judged" and m.startswith("score") else
                 100.0 if values and all(0.0 <= v <= 1.0 for v in values) else 1.0)
             per_run: dict[str, Any] = {}
             for lab, e in entries.items():
@@ -241,6 +247,7 @@ def merge_runs(runs: list[Run], title: str | None = None) -> dict[str, Any]:
         "translation": translation,
         "excluded_from_averages": excluded,
         "missing_tasks": missing_notes,
+        "judged": judged_categories(runs, order),
         "warnings": warns,
     }
 
@@ -260,9 +267,31 @@ def how_asked(entry: dict) -> str:
         parts.append(f"{entry['samples']} samples, T={entry.get('temperature', 0):g}")
         if (entry.get("top_p") or 1.0) < 1.0:
             parts.append(f"top-p {entry['top_p']:g}")
-    if entry.get("judge"):
-        parts.append(f"judged by {entry['judge']}")
+    judge = ((entry.get("judging") or {}).get("judge") or {}).get("name")
+    if judge:
+        parts.append(f"judged by {judge}")
     return ", ".join(parts)
+
+
+def judged_categories(runs: list[Run], order: list[str]) -> dict[str, Any]:
+    """Per judged task, its per-category score (1-10) in every run that has it:
+    ``{task: {"categories": [...], "runs": {label: {category: value or None}}}}``."""
+    out: dict[str, Any] = {}
+    for tname in order:
+        per_run: dict[str, dict[str, float | None]] = {}
+        for r in runs:
+            entry = r.tasks.get(tname)
+            if not entry or entry.get("kind") != "judged":
+                continue
+            groups = (entry.get("breakdown") or {}).get("category", {}).get("groups", {})
+            per_run[r.label] = {g: _number((v.get("score") or {}).get("value"))
+                                for g, v in groups.items() if isinstance(v, dict)}
+        if any(per_run.values()):
+            cats = list(dict.fromkeys(c for groups in per_run.values() for c in groups))
+            out[tname] = {"categories": cats,
+                          "runs": {r.label: {c: per_run.get(r.label, {}).get(c) for c in cats}
+                                   for r in runs}}
+    return out
 
 
 def _averages(labels: list[str], members: dict[str, dict[str, float | None]]) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """The report's charts, drawn with matplotlib as base64 PNGs for the HTML page:
-category averages (Korean and English panels) and each task's primary metric."""
+category averages (Korean and English panels), each task's primary metric, and the
+judged tasks' (MT-Bench's) score per question category."""
 
 from __future__ import annotations
 
@@ -63,7 +64,8 @@ def _png(fig) -> str:
 
 
 def render_plots(data: dict) -> dict[str, str]:
-    """base64 PNGs: ``categories`` (KO and EN panels) and ``tasks`` (per-task primary)."""
+    """base64 PNGs: ``categories`` (KO and EN panels), ``tasks`` (per-task primary) and,
+    when judged tasks were run, ``judged`` (their per-category scores)."""
     from hcx.errors import require
 
     matplotlib = require("matplotlib", "eval", purpose="the report's plots")
@@ -137,4 +139,33 @@ def render_plots(data: dict) -> dict[str, str]:
             ax.set_title("Primary metric per task", fontsize=11)
             fig.legend(loc="outside upper center", ncols=len(labels), frameon=False)
             pngs["tasks"] = _png(fig)
+
+        if data.get("judged"):
+            pngs["judged"] = _png(_judged_figure(data["judged"], labels, colours, cjk))
     return pngs
+
+
+def _judged_figure(judged: dict, labels: list[str], colours: dict[str, str], cjk: bool):
+    """One panel per judged task: its score per question category (the judge's 1-10
+    scale), a bar per run."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11.5, 4.2 * len(judged)), layout="constrained")
+    axes = fig.subplots(len(judged), 1, squeeze=False)[:, 0]
+    width = 0.8 / len(labels)
+    for ax, (task, d) in zip(axes, judged.items()):
+        cats = d["categories"]
+        for i, lab in enumerate(labels):
+            pts = [(j - 0.4 + width * (i + 0.5), d["runs"][lab][c]) for j, c in enumerate(cats)]
+            pts = [(x, y) for x, y in pts if y is not None]
+            ax.bar([x for x, _ in pts], [y for _, y in pts], width * 0.92, color=colours[lab],
+                   label=plot_label(lab, cjk) if ax is axes[0] else None)
+        ax.set_xticks(range(len(cats)), [plot_label(c, cjk) for c in cats])
+        ax.set_xlim(-0.6, len(cats) - 0.4)
+        ax.set_ylim(0, 10)
+        ax.set_ylabel("judge score (1-10)")
+        ax.set_title(f"{task}: score per category", fontsize=11)
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_axisbelow(True)
+    fig.legend(loc="outside upper center", ncols=len(labels), frameon=False)
+    return fig
