@@ -82,7 +82,8 @@ def create_app(served: Served):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "requests": served.active - 1}
+        return {"status": "ok", "requests": served.active - 1,  # in flight, this one aside
+                "largest_batch": served.worker.largest_batch}
 
     @app.get("/v1/models")
     async def models():

@@ -61,6 +61,7 @@ class EngineWorker:
         self._queue: deque[Pending] = deque()
         self._cond = threading.Condition()
         self._stopping = False
+        self.largest_batch = 0  # the most requests one call has answered (reported by /health)
         # The CUDA device is per thread: the engine thread uses the one the model is on.
         self._device = torch.cuda.current_device() if torch.cuda.is_available() else None
         self._thread = threading.Thread(target=self._loop, name="hcx-engine", daemon=True)
@@ -132,6 +133,7 @@ class EngineWorker:
     def _run(self, batch: list[Pending]) -> None:
         works = [p.work for p in batch]
         call = batches.merge(works)
+        self.largest_batch = max(self.largest_batch, len(batch))
         try:
             if self.broadcasts:
                 broadcast(call)
