@@ -111,6 +111,13 @@ def create_app(served: Served):
                else chat_ids(served, req.messages))
         return {"tokens": ids, "count": len(ids), "max_model_len": served.max_model_len}
 
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():  # vLLM's; lm-eval's remote tokenizer starts here
+        tok = served.model.tokenizer
+        return {"tokenizer_class": type(tok).__name__, "name": tok.name,
+                "vocab_size": served.model.vocab, "eos_token_id": served.model.eot_id,
+                "pad_token_id": tok.pad, "model_max_length": served.max_model_len}
+
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest):
         check_model(served, req.model)
@@ -182,19 +189,18 @@ async def generate(served: Served, prompt: list[int], max_tokens: int, n: int,
 
 
 def to_choice(served: Served, g) -> Choice:
-    """The tokens behind a generation's text: without the stop token, and cut after the
-    token where a stop string begins."""
+    """The tokens behind a generation's text: cut after the token where a stop string
+    begins; a stop token (end of document or turn) stays last, as vLLM's logprobs show
+    it (lm-eval drops the last token of an echo with max_tokens=1, whatever it is)."""
     ids = list(g.ids)
-    generated = len(ids)
-    if ids and ids[-1] in served.model.stop_ids:
-        ids.pop()
+    stop = [ids.pop()] if ids and ids[-1] in served.model.stop_ids else []
     decode = served.model.decode
     if ids and len(decode(ids)) > len(g.text):
         keep = 0
         while len(decode(ids[:keep])) < len(g.text):
             keep += 1
-        ids = ids[:keep]
-    return Choice(g.text, ids, g.finish_reason, generated)
+        ids, stop = ids[:keep], []
+    return Choice(g.text, ids + stop, g.finish_reason, len(g.ids))
 
 
 def prompt_list(prompt) -> list[str | list[int]]:

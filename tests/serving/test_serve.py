@@ -101,6 +101,8 @@ def test_models_health_and_tokenize(server, local):
     assert tokens["tokens"] == local.encode(text) and tokens["count"] == len(tokens["tokens"])
     back = ok(server.client.post(server.root + "/detokenize", json={"tokens": tokens["tokens"]}))
     assert back["prompt"] == local.decode(tokens["tokens"])
+    info = ok(server.client.get(server.root + "/tokenizer_info"))
+    assert info["eos_token_id"] == local.eot_id and info["vocab_size"] == local.vocab
 
 
 def test_completions_equal_in_process_generation(server, local):
