@@ -11,7 +11,7 @@ from hcx import paths
 from hcx.config import RecipeError
 from hcx.errors import HcxError, Stopped
 
-COMMAND_GROUPS = ("train", "data", "models", "evaluate", "ops")  # modules of hcx.commands
+COMMAND_GROUPS = ("train", "data", "models", "evaluate", "serve", "ops")  # modules of hcx.commands
 
 
 def build_parser() -> argparse.ArgumentParser:

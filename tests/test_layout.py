@@ -17,6 +17,7 @@ LAYERS = [
     {"engine"},
     {"stages", "scorers"},
     {"interop", "evaluation"},
+    {"serving"},
     {"ops"},
     {"commands", "cli", "api", "__main__", "__init__"},
 ]

@@ -27,9 +27,14 @@ def needs_relaunch(nproc: int) -> bool:
     return nproc > 1 and not under_torchrun()
 
 
-def relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
+def relaunch_with_torchrun(nproc: int, argv: list[str], signal_workers: bool = False) -> int:
     """Start ``nproc`` local processes running this same command (single node).
-    For clusters use ``hcx launch`` or your own torchrun/srun line."""
+    For clusters use ``hcx launch`` or your own torchrun/srun line.
+
+    ``signal_workers``: SIGTERM/SIGINT go to the worker processes themselves rather than
+    to torchrun, for commands whose clean stop on a signal is a success (``hcx serve``):
+    torchrun then sees its workers exit 0 and exits 0 (signalled itself, it would
+    report a failure however cleanly they stopped)."""
     torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
     cmd = [torchrun, "--standalone", f"--nproc-per-node={nproc}", "-m", "hcx.cli", *argv]
     env = dict(os.environ)
@@ -41,11 +46,27 @@ def relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
 
     def forward(signum, frame):  # torchrun passes it on to every worker
         received.append(signum)
-        child.send_signal(signum)
+        if signal_workers:
+            for worker in workers(child.pid):
+                worker.send_signal(signum)
+        else:
+            child.send_signal(signum)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, forward)
     code = child.wait()
+    if signal_workers:
+        return code
     # torchrun exits 1 after shutting its workers down on a signal; report the signal.
     return 128 + received[0] if received else code
+
+
+def workers(torchrun_pid: int) -> list:
+    """torchrun's worker processes (its children; psutil ``Process`` objects)."""
+    import psutil
+
+    try:
+        return psutil.Process(torchrun_pid).children()
+    except psutil.NoSuchProcess:
+        return []
 

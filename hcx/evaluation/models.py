@@ -299,17 +299,31 @@ class HcxModel(LanguageModel):
 
     def _generate(self, prompts: list[list[int]], max_new_tokens: int,
                   stops: tuple[str, ...], sampling: Sampling | None = None) -> list[str]:
-        from hcx.engine.generate import Generator, SamplingParams, chat_stop_ids
+        return [g.text for g in self.generations(prompts, max_new_tokens, stops, sampling)]
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """The token ids that end a generation: the end of document and, where the
+        tokenizer has chat markers, the end of a turn."""
+        from hcx.engine.generate import chat_stop_ids
 
         try:
-            stop_ids = chat_stop_ids(self.tokenizer)
+            return chat_stop_ids(self.tokenizer)
         except HcxError:  # a tokenizer without chat markers: end of document only
-            stop_ids = (self.tokenizer.eod,)
+            return (self.tokenizer.eod,)
+
+    def generations(self, prompts: list[list[int]], max_new_tokens: int,
+                    stops: tuple[str, ...], sampling: Sampling | None = None):
+        """One batch as :meth:`generate` runs it, with everything the engine returns
+        (``hcx.engine.generate.Generation``: the new token ids and why generation
+        ended, besides the text): what ``hcx serve`` answers from."""
+        from hcx.engine.generate import Generator, SamplingParams
+
         extra = {} if sampling is None else {"temperature": sampling.temperature,
                                              "top_p": sampling.top_p, "seed": sampling.seed}
         params = SamplingParams(max_new_tokens=max_new_tokens, stop_strings=stops,
-                                stop_ids=stop_ids, **extra)
-        return [g.text for g in Generator(self.engine, self.tokenizer).generate(prompts, params)]
+                                stop_ids=self.stop_ids, **extra)
+        return Generator(self.engine, self.tokenizer).generate(prompts, params)
 
     def close(self) -> None:
         from hcx.engine.parallel import shutdown
