@@ -85,6 +85,44 @@ def local(sft_checkpoint):
     model.close()
 
 
+QUICK = ["--tasks", "quick", "--limit", "6", "--max-new-tokens", "16"]
+
+
+@pytest.fixture(scope="module")
+def in_process_quick(local, tmp_path_factory) -> dict:
+    """Every metric of the quick suite (one task of every kind) evaluated in this process:
+    what ``hcx eval CKPT --tasks quick --limit 6 --max-new-tokens 16`` gives."""
+    from hcx.evaluation.runner import evaluate
+    from hcx.evaluation.tasks import resolve_tasks
+
+    out = tmp_path_factory.mktemp("quick") / "in-process"
+    evaluate(local, resolve_tasks(["quick"]), out, limit=6, max_new_tokens=16, log=lambda *a: None)
+    return quick_scores(out)
+
+
+def quick_scores(run) -> dict:
+    import json
+
+    tasks = json.loads((run / "scores.json").read_text())["tasks"]
+    return {f"{t}/{m}": v["value"] for t, e in tasks.items() for m, v in e["metrics"].items()}
+
+
+def eval_through(server, out) -> dict:
+    """``hcx eval URL`` on the quick suite, through the endpoint client."""
+    from tests.conftest import hcx
+
+    hcx("eval", server.url, *QUICK, "--out", str(out))
+    return quick_scores(out)
+
+
+def test_eval_through_the_endpoint_equals_in_process(server, in_process_quick, tmp_path):
+    """The quick suite through ``hcx eval URL`` (log-likelihoods from echoed logprobs,
+    greedy generation, chat-free prompts as token ids) scores exactly as in process."""
+    got = eval_through(server, tmp_path / "endpoint")
+    assert len({k.split("/")[0] for k in got}) == 9
+    assert got == in_process_quick
+
+
 def ok(response: httpx.Response) -> dict:
     assert response.status_code == 200, response.text
     return response.json()
@@ -276,7 +314,9 @@ def test_bad_requests_get_openai_errors(server, what, path, body, status, param)
     assert ok(server.post("/completions", {"prompt": "x", "max_tokens": 1, "temperature": 0}))
 
 
-def test_tp2_server_answers_as_tp1(server, sft_checkpoint, tmp_path):
+def test_tp2_server_answers_as_tp1(server, sft_checkpoint, in_process_quick, tmp_path):
+    """A --tp 2 server answers as the one-process server, and hcx eval through it scores
+    the quick suite exactly as in process."""
     requests = [{"prompt": "대한민국의 수도는", "max_tokens": 8, "temperature": 0},
                 {"prompt": "Hello world, this is", "max_tokens": 0, "echo": True, "logprobs": 2,
                  "temperature": 0}]
@@ -289,6 +329,7 @@ def test_tp2_server_answers_as_tp1(server, sft_checkpoint, tmp_path):
         g, w = got[1]["choices"][0]["logprobs"], want[1]["choices"][0]["logprobs"]
         assert g["tokens"] == w["tokens"] and g["text_offset"] == w["text_offset"]
         assert g["token_logprobs"][1:] == pytest.approx(w["token_logprobs"][1:], abs=1e-4)
+        assert eval_through(tp2, tmp_path / "endpoint-tp2") == in_process_quick
         tp2.proc.send_signal(signal.SIGTERM)
         assert tp2.proc.wait(timeout=120) == 0, tp2.stderr()[-4000:]
     finally:
