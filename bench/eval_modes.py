@@ -58,8 +58,9 @@ def timed_eval(model: str, out: Path, args: list[str]) -> dict:
 class Server:
     """``hcx serve CKPT --port 0`` until the block ends (SIGTERM, waited for)."""
 
-    def __init__(self, ckpt: str):
-        self.proc = subprocess.Popen(hcx_cmd("serve", ckpt, "--port", "0"), cwd=ROOT,
+    def __init__(self, ckpt: str, max_batch: int):
+        self.proc = subprocess.Popen(hcx_cmd("serve", ckpt, "--port", "0", "--max-batch",
+                                             str(max_batch)), cwd=ROOT,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
 
     def __enter__(self) -> str:
@@ -79,18 +80,22 @@ def main() -> int:
     ap.add_argument("--tasks", default="kobest_copa,arc_easy,gsm8k")
     ap.add_argument("--limit", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=16,
+                    help="in process: questions per pass; the server's --max-batch and the "
+                         "client's --concurrency")
     ap.add_argument("--mt-bench-limit", type=int, default=8,
                     help="MT-Bench questions (two turns each, each turn judged); 0 skips it")
     ap.add_argument("--json", help="write the figures here too")
     args = ap.parse_args()
     common = ["--tasks", args.tasks, "--limit", str(args.limit), "--max-new-tokens",
-              str(args.max_new_tokens), "--batch-size", str(args.batch_size)]
+              str(args.max_new_tokens)]
+    local = [*common, "--batch-size", str(args.batch_size)]
     work = Path(tempfile.mkdtemp(prefix="hcx-bench-eval-"))
-    rows = {"in-process": timed_eval(args.checkpoint, work / "native", common),
-            "--dp 2": timed_eval(args.checkpoint, work / "dp2", [*common, "--dp", "2"])}
-    with Server(args.checkpoint) as url:
-        rows["endpoint (hcx serve)"] = timed_eval(url, work / "endpoint", common)
+    rows = {"in-process": timed_eval(args.checkpoint, work / "native", local),
+            "--dp 2": timed_eval(args.checkpoint, work / "dp2", [*local, "--dp", "2"])}
+    with Server(args.checkpoint, args.batch_size) as url:  # the server batches as --batch-size
+        rows["endpoint (hcx serve)"] = timed_eval(
+            url, work / "endpoint", [*common, "--concurrency", str(args.batch_size)])
     mt = None
     if args.mt_bench_limit:
         mt = timed_eval(args.checkpoint, work / "mt_bench",
