@@ -184,7 +184,8 @@ def test_policy_loss_ignores_padding_values_and_upcasts():
     assert close(a, b)
     losses, metrics = policy_loss(logps.bfloat16(), None, t(1.0).bfloat16(), mask.bool(),
                                   loss_type="dapo")
-    assert losses.dtype == torch.float32 and metrics["clip_ratio/region_mean"].dtype == torch.float32
+    assert losses.dtype == torch.float32
+    assert metrics["clip_ratio/region_mean"].dtype == torch.float32
 
 
 def test_rloo_loss_hand_computed():
