@@ -12,13 +12,13 @@ The pieces
    reference (the paper's Theorem 1), for tests and for toy problems.
 2. :func:`quantile_estimate`, :func:`log_quantile_reward`: the Monte-Carlo quantile
    p_<=(y) = P_{y' ~ pi_ref}[r(y') <= r(y)] of a sample among reference samples, and its log,
-   the reward that turns BOND into RL (Section 4).
+   the reward that turns BOND into RL ("BOND as RL").
 3. :func:`bond_log_weight`: log(pi_BoN(y) / pi_ref(y)) from the quantiles.
 4. :func:`bond_backward_loss`: a policy-gradient surrogate whose gradient estimates
    grad KL(pi || pi_BoN) (mode-seeking); :func:`bond_forward_loss`: the negative
    log-likelihood of BoN samples, whose gradient estimates grad KL(pi_BoN || pi)
    (mass-covering); :func:`jeffreys_loss`: their mixture.
-5. J-BOND (Section 6, iterative BOND with N = 2 and a moving anchor): :func:`jbond_reward`,
+5. J-BOND (iterative BOND with N = 2 and a moving anchor): :func:`jbond_reward`,
    :func:`jbond_loss` and the anchor update :func:`ema_update`.
 
 Shapes: per-sequence quantities are ``[B]`` (summed completion log-probs, as in
@@ -28,13 +28,15 @@ a gradient. Everything runs in at least float32.
 
 About the paper text
 --------------------
-Section and theorem numbers follow arXiv:2407.14622v1. Two details could not be checked
-against the paper text when this module was written and are stated here as hcx's
-conventions, each a keyword argument so that it can be set to the paper's value:
-``jeffreys_loss``'s ``beta`` weights the **forward** KL (beta = 0: backward only; beta = 1:
-forward only; the paper's default 0.5 is symmetric either way), and ``jbond_reward``'s
-``penalty`` (default log 16) is the reward given to a policy sample that is worse than both
-anchor samples.
+The full paper text could not be retrieved when this module was written, so references name
+the paper's parts ("Theorem 1", "BOND as RL", "the Jeffreys divergence", "J-BOND") rather
+than equation numbers; the formulas are derived here in full so they can be checked on
+their own. Theorem 1 is verified numerically (exact enumeration of N-tuples in the tests).
+Two details are hcx's conventions, each a keyword argument so that it can be set to the
+paper's value: :func:`jeffreys_loss`'s ``beta`` weights the **forward** KL (beta = 0:
+backward only; beta = 1: forward only; 0.5 is symmetric either way), and
+:func:`jbond_reward`'s ``penalty`` (default log 16) is the reward given to a policy sample
+that is worse than both anchor samples.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ def reward_cdf(probs: Tensor, rewards: Tensor) -> tuple[Tensor, Tensor]:
 def best_of_n_probs(probs: Tensor, rewards: Tensor, n: int) -> Tensor:
     r"""The distribution of the Best-of-N choice among N i.i.d. samples of ``probs``.
 
-    Sessa et al. 2024, Theorem 1 (Section 3): with ties broken by taking the *first* sample
+    Sessa et al. 2024, Theorem 1: with ties broken by taking the *first* sample
     of maximal reward,
 
         pi_BoN(y) = pi_ref(y) * sum_{i=1}^{N} p_<(y)^{i-1} * p_<=(y)^{N-i}
@@ -118,7 +120,7 @@ Ties = Literal["le", "lt", "mid"]
 def quantile_estimate(rewards: Tensor, ref_rewards: Tensor, *, ties: Ties = "le") -> Tensor:
     r"""The empirical quantile of each sample's reward among k reference samples.
 
-    Sessa et al. 2024, Section 4 (Monte-Carlo quantile estimation): with y'_1..y'_k drawn
+    Sessa et al. 2024, Monte-Carlo quantile estimation: with y'_1..y'_k drawn
     from the reference for the same prompt,
 
         p^_<=(y) = (1/k) * sum_j 1[r(y'_j) <= r(y)]
@@ -146,7 +148,7 @@ def quantile_estimate(rewards: Tensor, ref_rewards: Tensor, *, ties: Ties = "le"
 
 def log_quantile_reward(rewards: Tensor, ref_rewards: Tensor, *, ties: Ties = "le",
                         min_quantile: float | None = None) -> Tensor:
-    r"""log p^_<=(y): the BOND reward (Section 4, "BOND as RL": the backward-KL objective is
+    r"""log p^_<=(y): the BOND reward ("BOND as RL": the backward-KL objective is
     RL with reward log p_<=(y), up to constants; see :func:`bond_log_weight`).
 
     A sample worse than every reference sample has estimate 0 and log 0 = -inf, so the
@@ -191,7 +193,7 @@ def bond_backward_loss(policy_logps: Tensor, base_logps: Tensor, log_weights: Te
     r"""Policy-gradient surrogate for the backward KL(pi || pi_target), pi_target ∝ pi_base *
     exp(w).
 
-    With the target pi_BoN = pi_ref * exp(w), w = :func:`bond_log_weight` (Section 4),
+    With the target pi_BoN = pi_ref * exp(w), w = :func:`bond_log_weight`,
 
         KL(pi || pi_BoN) = E_{y~pi}[ log pi(y) - log pi_ref(y) - w(y) ]
 
@@ -233,7 +235,7 @@ def bond_backward_loss(policy_logps: Tensor, base_logps: Tensor, log_weights: Te
 def bond_forward_loss(policy_logps_of_target_samples: Tensor) -> LossOutput:
     r"""Forward KL(pi_BoN || pi) = E_{y~pi_BoN}[log pi_BoN(y)] - E_{y~pi_BoN}[log pi(y)]: only
     the cross-entropy depends on pi, so its gradient is estimated by the negative
-    log-likelihood of BoN samples (Sessa et al. 2024, Section 4: draw N reference samples,
+    log-likelihood of BoN samples (Sessa et al. 2024: draw N reference samples,
     keep the best, and do supervised fine-tuning on it):
 
         losses_i = -log pi(y_i),   y_i ~ pi_BoN
@@ -250,7 +252,7 @@ def bond_forward_loss(policy_logps_of_target_samples: Tensor) -> LossOutput:
 
 def jeffreys_loss(backward_losses: Tensor, forward_losses: Tensor, *,
                   beta: float = 0.5) -> Tensor:
-    r"""The Jeffreys mixture of the two BOND terms (Sessa et al. 2024, Section 4.3):
+    r"""The Jeffreys mixture of the two BOND terms (Sessa et al. 2024, the Jeffreys divergence):
 
         J_beta = (1 - beta) * KL(pi || pi_BoN) + beta * KL(pi_BoN || pi)
 
@@ -271,7 +273,7 @@ def jeffreys_loss(backward_losses: Tensor, forward_losses: Tensor, *,
 def jbond_reward(rewards: Tensor, anchor_rewards: Tensor, *,
                  penalty: float = math.log(16.0)) -> Tensor:
     r"""The J-BOND reward of a policy sample y given two anchor samples y'_1, y'_2 of the
-    same prompt (Sessa et al. 2024, Section 6):
+    same prompt (Sessa et al. 2024, J-BOND):
 
         r_J(y) = -penalty  if r(y) < min(r(y'_1), r(y'_2))   (worse than both)
                  0         otherwise
@@ -292,7 +294,7 @@ def jbond_loss(policy_logps: Tensor, anchor_logps: Tensor, rewards: Tensor,
                best_anchor_policy_logps: Tensor, *, beta: float = 0.5, kl_coef: float = 1.0,
                ref_logps: Tensor | None = None, gamma: float = 0.0,
                baseline: Tensor | float | None = None) -> LossOutput:
-    r"""One J-BOND step's loss (Sessa et al. 2024, Section 6), row i = one prompt:
+    r"""One J-BOND step's loss (Sessa et al. 2024, J-BOND), row i = one prompt:
 
     * ``policy_logps``: log pi_t(y_i), y_i ~ pi_t (the current policy; with gradient);
     * ``anchor_logps``: log pi_anchor(y_i), the anchor's log-prob of that same sample;
@@ -345,7 +347,7 @@ def jbond_loss(policy_logps: Tensor, anchor_logps: Tensor, rewards: Tensor,
 @torch.no_grad()
 def ema_update(anchor: Params, policy: Params, *, eta: float) -> Params:
     r"""Move the anchor towards the policy: anchor <- (1 - eta) * anchor + eta * policy
-    (J-BOND's exponential-moving-average anchor, Sessa et al. 2024, Section 6), in place.
+    (J-BOND's exponential-moving-average anchor, Sessa et al. 2024), in place.
 
     ``anchor`` / ``policy``: two tensors, or two mappings of parameter name -> tensor (e.g.
     ``model.state_dict()`` or ``dict(model.named_parameters())``) with the same keys and

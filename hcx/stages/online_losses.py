@@ -122,7 +122,7 @@ class RewardNormalizer:
     Reward-model scores have an arbitrary offset and scale that drift between reward
     models; PPO-style RLHF therefore whitens them before use and clips outliers, which is
     what the HyperCLOVA X report describes for its RLHF stage (rewards normalised and
-    clipped; Yoo et al. 2024, arXiv:2404.01954, Section 3.2). The report gives no formula,
+    clipped; Yoo et al. 2024, arXiv:2404.01954, its RLHF section). The report gives no formula,
     so this is the standard one (as in OpenAI's ``lm-human-preferences`` reward
     normalisation and TRL's ``RunningMoments``)::
 
@@ -196,7 +196,7 @@ def kl_penalized_rewards(rewards: Tensor, old_logps: Tensor, ref_logps: Tensor,
     over its tokens, is subtracted from the reward before the baseline is formed (TRL 1.5.1
     ``RLOOTrainer._generate_and_score_completions``; Ahmadian et al. 2024, "Back to Basics:
     Revisiting REINFORCE Style Optimization for Learning from Human Feedback in LLMs",
-    arXiv:2402.14740, Section 3). ``old_logps`` / ``ref_logps``: ``[B, T]``, the rollout
+    arXiv:2402.14740). ``old_logps`` / ``ref_logps``: ``[B, T]``, the rollout
     policy's and the reference's per-token log-probs; ``rewards``: ``[B]``. Detached.
     """
     _check_token_shapes(old_logps=old_logps, ref_logps=ref_logps, completion_mask=completion_mask)
@@ -259,8 +259,8 @@ def rloo_advantages(rewards: Tensor, num_generations: int, *, normalize_advantag
     r"""REINFORCE Leave-One-Out advantages.
 
     Kool et al. 2019, "Buy 4 REINFORCE Samples, Get a Baseline for Free!"; Ahmadian et al.
-    2024 (arXiv:2402.14740), Eq. 8: each completion's baseline is the mean reward of the
-    *other* K-1 completions of its prompt,
+    2024 (arXiv:2402.14740), the RLOO estimator: each completion's baseline is the mean
+    reward of the *other* K-1 completions of its prompt,
 
         A_i = r_i - (1 / (K-1)) * sum_{j != i} r_j  =  K / (K-1) * (r_i - mean(r_group))
 
@@ -353,7 +353,7 @@ def policy_loss(logps: Tensor, old_logps: Tensor | None, advantages: Tensor,
       with ``kl_estimator`` ("k3" as GRPO/TRL, or "k1"/"k2"). ``use_bias_correction_kl``
       multiplies KL_t by rho (TRL's importance-sampling correction for old-policy samples).
     * ``importance_sampling_level="sequence"``: one ratio per completion, exp of the mean
-      token log-ratio (GSPO, Zheng et al. 2025, arXiv:2507.18071, Eq. 7), TRL's option.
+      token log-ratio (GSPO, Zheng et al. 2025, arXiv:2507.18071), TRL's option.
 
     Aggregation over tokens (``loss_type``, TRL's definitions), with m the completion mask,
     |y_i| = sum_t m_it and L the per-token loss:
@@ -366,7 +366,8 @@ def policy_loss(logps: Tensor, old_logps: Tensor | None, advantages: Tensor,
         (sum m / B)``, so that ``losses.mean()`` is that token mean.
     ``"dapo"`` (TRL's default)
         token mean over the *whole* optimisation batch (all micro-batches of the step and all
-        ranks; DAPO Eq. 8). ``losses[i] = sum_t L_it m_it / mean_completion_tokens`` where
+        ranks; DAPO's token-level loss).
+        ``losses[i] = sum_t L_it m_it / mean_completion_tokens`` where
         ``mean_completion_tokens`` = total completion tokens / total completions of the
         optimisation batch (TRL: ``num_items_in_batch`` / global batch size); the caller
         computes it before the step. Then (sum of ``losses`` over the step) / (number of
@@ -375,14 +376,15 @@ def policy_loss(logps: Tensor, old_logps: Tensor | None, advantages: Tensor,
         micro-batch's own mean, i.e. the same value as ``"bnpo"``.
     ``"dr_grpo"``
         divide by a constant: sum L m / (B * max_completion_length) (Dr. GRPO, Liu et al.
-        2025, arXiv:2503.20783, Section 3.1). ``losses[i] = sum_t L_it m_it /
+        2025, arXiv:2503.20783). ``losses[i] = sum_t L_it m_it /
         max_completion_length``; ``max_completion_length`` (the generation limit) is
         required.
 
     ``advantages``: ``[B]`` (or ``[B, T]``, per-token advantages), detached.
 
-    Metrics (TRL's names, token means over the masked-in tokens; sequence means with
-    ``importance_sampling_level="sequence"``): ``kl`` (only with ``ref_logps``),
+    Metrics (TRL's names, token means over the masked-in tokens, 0 when there are none;
+    sequence means with ``importance_sampling_level="sequence"``): ``kl`` (only with
+    ``ref_logps``),
     ``clip_ratio/low_mean`` (rho < 1 - eps_low where A < 0), ``clip_ratio/high_mean``
     (rho > 1 + eps_high where A > 0), ``clip_ratio/region_mean`` (either), and
     ``completions/mean_length``.
@@ -446,7 +448,8 @@ def policy_loss(logps: Tensor, old_logps: Tensor | None, advantages: Tensor,
                          f"{loss_type!r}")
 
     metrics: dict[str, Tensor] = {}
-    if mask.sum() > 0:
+    # shape test, not mask.sum() > 0: a data-dependent branch would sync with the device
+    if mask.numel() > 0:
         if kl is not None:
             metrics["kl"] = _masked_mean(kl.detach(), mask).float()
         low = ((ratio < 1.0 - eps_low) & (advantages < 0)).float()
@@ -468,7 +471,7 @@ def rloo_loss(policy_logps: Tensor, old_logps: Tensor, advantages: Tensor, *,
     r"""The clipped REINFORCE loss of TRL 1.5.1's ``RLOOTrainer._compute_loss``.
 
     Unlike :func:`policy_loss`, RLOO treats the whole completion as one action (Ahmadian et
-    al. 2024, arXiv:2402.14740, Section 3.1): inputs are **summed** completion log-probs
+    al. 2024, arXiv:2402.14740): inputs are **summed** completion log-probs
     ``[B]`` (``(per_token_logps * mask).sum(-1)``), the ratio is per sequence,
     rho = exp(log pi(y) - log pi_old(y)), and
 
@@ -507,7 +510,7 @@ def repeated_ngram_mask(token_ids: Sequence[Sequence[int]] | Tensor,
     r"""Which completion tokens belong to a repeated n-gram: a ``[B, T]`` float 0/1 tensor.
 
     Welleck et al. 2020, "Neural Text Generation with Unlikelihood Training" (ICLR 2020,
-    arXiv:1908.04319), Section 5.2, sequence-level candidates: token x_t is a negative
+    arXiv:1908.04319), sequence-level training, repeat candidates: token x_t is a negative
     candidate if it lies inside an n-gram (x_s, ..., x_{s+n-1}), s <= t <= s+n-1, that
     already occurred *entirely before* that n-gram starts, i.e. as (x_u, ..., x_{u+n-1})
     with u + n - 1 < s. Only the completion's own tokens count (``completion_mask`` 1; they
@@ -537,8 +540,8 @@ def repeated_ngram_mask(token_ids: Sequence[Sequence[int]] | Tensor,
 
 def repetition_unlikelihood_loss(logps: Tensor, repeated: Tensor, completion_mask: Tensor, *,
                                  max_logp: float = -1e-6) -> LossOutput:
-    r"""Sequence-level unlikelihood against repetition (Welleck et al. 2020, Eq. 9 restricted
-    to the repeated-n-gram candidates of Section 5.2):
+    r"""Sequence-level unlikelihood against repetition (Welleck et al. 2020: the
+    unlikelihood loss on the repeated-n-gram candidates of their sequence-level training):
 
         loss_i = -sum_t  c_it * log(1 - p_i(y_t))
 
@@ -558,7 +561,8 @@ def repetition_unlikelihood_loss(logps: Tensor, repeated: Tensor, completion_mas
     losses = -(weights * log1mexp(logps.clamp(max=max_logp))).sum(-1)
     metrics: dict[str, Tensor] = {}
     mask = upcast(completion_mask.detach())
-    if mask.sum() > 0:
-        metrics["unlikelihood/repeat_fraction"] = (weights.sum() / mask.sum()).float()
+    if mask.numel() > 0:
+        fraction = weights.sum() / mask.sum().clamp(min=1.0)
+        metrics["unlikelihood/repeat_fraction"] = fraction.float()
     put_mean(metrics, "unlikelihood/loss", losses)
     return losses, metrics

@@ -388,3 +388,14 @@ def test_rloo_loss_matches_trl(trl):
     assert torch.allclose(ours_in.grad, theirs_in.grad, rtol=0, atol=TOL)
     for key in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
         assert abs(metrics[key].item() - trl_metrics[key]) < TOL, key
+
+
+def test_empty_batch_and_all_padding():
+    empty = torch.zeros(0, 4, dtype=torch.float64)
+    losses, metrics = policy_loss(empty, None, torch.zeros(0), empty, loss_type="grpo")
+    assert losses.shape == (0,) and metrics == {}
+    padded = torch.zeros(2, 3, dtype=torch.float64)
+    losses, metrics = policy_loss(padded, None, t(1.0, -1.0), padded, loss_type="dapo")
+    assert close(losses, [0.0, 0.0]) and close(metrics["clip_ratio/region_mean"], 0.0)
+    adv, metrics = group_advantages(t(), 4)
+    assert adv.shape == (0,) and "reward" not in metrics
