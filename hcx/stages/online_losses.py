@@ -120,11 +120,10 @@ class RewardNormalizer:
     r"""Reward normalisation and clipping with running statistics.
 
     Reward-model scores have an arbitrary offset and scale that drift between reward
-    models; PPO-style RLHF therefore whitens them before use and clips outliers, which is
-    what the HyperCLOVA X report describes for its RLHF stage (rewards normalised and
-    clipped; Yoo et al. 2024, arXiv:2404.01954, its RLHF section). The report gives no formula,
-    so this is the standard one (as in OpenAI's ``lm-human-preferences`` reward
-    normalisation and TRL's ``RunningMoments``)::
+    models; PPO-style RLHF therefore whitens them before use and clips outliers (the
+    HyperCLOVA X report, Yoo et al. 2024, arXiv:2404.01954, describes its RLHF rewards as
+    normalised and clipped). The formula here is the common one, running whitening then a
+    symmetric clip (the running statistics are those of TRL's ``RunningMoments``)::
 
         r' = clip((r - mu) / (sigma + eps), -clip, +clip)
 
