@@ -15,8 +15,10 @@ LAYERS = [
     {"tokenizer"},
     {"data"},
     {"engine"},
-    {"stages", "scorers"},
+    # evaluation (models, metrics, judges, the code sandbox) sits below the training
+    # stages: on-policy alignment scores its rollouts with them
     {"interop", "evaluation"},
+    {"stages", "scorers"},
     {"serving"},
     {"ops"},
     {"commands", "cli", "api", "__main__", "__init__"},
