@@ -20,6 +20,9 @@ def write_text_atomic(path: str | os.PathLike, text: str, mode: int | None = Non
     over ``path``. The file gets ``mode``, else the permissions of any new file (0666 less
     the umask; mkstemp's own 0600 would hide reports and scores from other users). The
     temporary file is removed if anything fails."""
+    if not isinstance(text, str):
+        raise TypeError(f"write_text_atomic writes str, not {type(text).__name__} "
+                        "(write_bytes_atomic writes bytes)")
     return write_bytes_atomic(path, text.encode("utf-8"), mode)
 
 
