@@ -1,5 +1,5 @@
-"""``hcx data prepare``, ``hcx tokenize``, ``hcx tokenizer stats|train``: corpora and
-tokenizers."""
+"""``hcx data prepare``, ``hcx data jsft``, ``hcx tokenize``, ``hcx tokenizer
+stats|train``: corpora, training data made from other data, and tokenizers."""
 
 from __future__ import annotations
 
@@ -24,6 +24,21 @@ def cmd_data_prepare(args: argparse.Namespace, argv: list[str]) -> int:
     out = prepare.prepared_dir(recipe)
     print((out / "stats.md").read_text(), end="")
     log(f"report: {out / 'stats.md'} and stats.json; 'hcx pretrain {args.recipe}' trains on it")
+    return 0
+
+
+def cmd_data_jsft(args: argparse.Namespace, argv: list[str]) -> int:
+    from hcx.stages import self_judge
+
+    prompt = self_judge.load_pair_prompt(args.judge_prompts, args.judge_prompt)
+    stats = self_judge.write_jsft(args.inputs, args.out, prompt, both_orders=args.both_orders,
+                                  with_responses=args.with_responses, ties=args.ties,
+                                  seed=args.seed, skip_bad=args.skip_bad,
+                                  progress=sys.stderr.isatty())
+    print(f"jsft: {stats.summary()}")
+    print(args.out)
+    log(f"judge prompt: {prompt.name} ({prompt.file}); next: 'hcx sft' on a recipe whose "
+        f"data.sources has path: {args.out} (beside your SFT data, or with --with-responses)")
     return 0
 
 
@@ -98,6 +113,45 @@ def add_parsers(sub) -> None:
                    help="count malformed records in the report instead of stopping at the first")
     p.add_argument("--force", action="store_true", help="prepare even if up to date")
     p.set_defaults(func=cmd_data_prepare)
+
+    p = data.add_parser(
+        "jsft", help="preference pairs -> SELF-JUDGE judge-augmented SFT data (JSFT)",
+        description="SELF-JUDGE's Judge-augmented SFT data (Lee et al. 2024, arXiv:2402.11253): "
+                    "each preference pair (TRL format, as 'hcx align' reads it: prompt, chosen, "
+                    "rejected) becomes SFT conversations in which the model judges the pair: "
+                    "the judge prompt (FastChat pair-v2 by default) filled with the question "
+                    "and both answers as the user turn, the verdict [[A]] or [[B]] as the "
+                    "assistant turn, chosen shown first and then second (both orders: no "
+                    "position bias). With --with-responses the plain SFT conversation (prompt "
+                    "-> chosen) is written too, so one model learns to answer and to judge. "
+                    "Ties (identical answers, or score_chosen == score_rejected) are dropped "
+                    "and counted, or kept as [[C]] with --ties keep; per-answer evaluations in "
+                    "chosen_rationale/rejected_rationale are written before the verdict. "
+                    "Writes JSONL with 'messages' (what 'hcx sft' reads), shuffled with "
+                    "--seed, atomically. See docs/alignment.md, SELF-JUDGE.")
+    p.add_argument("inputs", nargs="+", metavar="PREFERENCE_FILE",
+                   help="paired preference data: JSONL, Parquet, a directory, a glob, data:// "
+                        "or hf://")
+    p.add_argument("--out", required=True, metavar="OUT.jsonl", help="the JSFT conversations")
+    p.add_argument("--judge-prompts", metavar="FILE",
+                   help="FastChat judge_prompts.jsonl or YAML (default: "
+                        "data://eval/mt_bench_en/judge_prompts.jsonl; Korean: "
+                        "data://eval/ko_mt_bench/judge_prompts_ko.jsonl)")
+    p.add_argument("--judge-prompt", metavar="NAME",
+                   help="the pairwise prompt in it (default: pair-v2)")
+    p.add_argument("--both-orders", action=argparse.BooleanOptionalAction, default=True,
+                   help="write every pair in both orders (default); --no-both-orders writes "
+                        "one order per pair, drawn with --seed")
+    p.add_argument("--with-responses", action="store_true",
+                   help="also write prompt -> chosen SFT conversations (JSFT's policy data)")
+    p.add_argument("--ties", choices=["drop", "keep"], default="drop",
+                   help="pairs scored equal: drop and count them (default), or keep them with "
+                        "the verdict [[C]]")
+    p.add_argument("--seed", type=int, default=0,
+                   help="shuffles the output and draws single orders (default: 0)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="count malformed records instead of stopping at the first")
+    p.set_defaults(func=cmd_data_jsft)
 
     p = sub.add_parser("tokenize", help="encode or decode text line by line",
                        description="Encode each input line to token ids (space-separated), or "

@@ -32,15 +32,33 @@ def cmd_import(args: argparse.Namespace, argv: list[str]) -> int:
 def cmd_generate(args: argparse.Namespace, argv: list[str]) -> int:
     from hcx.engine import generate
 
+    best_of = args.best_of > 1
+    check_best_of_flags(args)
+    temperature, top_p = args.temperature, args.top_p
+    if best_of:  # self-rejection samples: the authors' T = 1.0, top-p 0.9 unless given
+        from hcx.stages.self_judge import SAMPLING_TEMPERATURE, SAMPLING_TOP_P
+
+        temperature = SAMPLING_TEMPERATURE if temperature is None else temperature
+        top_p = SAMPLING_TOP_P if top_p is None else top_p
     params = generate.SamplingParams(  # validated before any process starts
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+        max_new_tokens=args.max_new_tokens, temperature=temperature or 0.0, top_k=args.top_k,
+        top_p=1.0 if top_p is None else top_p, repetition_penalty=args.repetition_penalty,
         stop_strings=tuple(args.stop), seed=args.seed, use_cache=not args.no_cache)
     prompts = list(args.prompt) + (generate.read_prompts(args.prompts_file) if args.prompts_file else [])
     if not prompts:
         raise generate.GenerationError("no prompts: give --prompt TEXT or --prompts-file FILE")
+    if best_of and params.greedy:
+        raise generate.GenerationError("--best-of samples N responses: --temperature must be "
+                                       "> 0 (it defaults to 1.0 with --best-of)")
+    judge_prompt = None
+    if best_of:  # a missing or unusable prompt file fails before any process starts
+        from hcx.stages.self_judge import load_pair_prompt
+
+        judge_prompt = load_pair_prompt(args.judge_prompts, args.judge_prompt)
     if needs_relaunch(args.tp):
         return relaunch_with_torchrun(args.tp, argv)
+    if best_of:
+        return generate_best_of(args, prompts, params, judge_prompt)
     import json
 
     from hcx.engine.inference import open_checkpoint
@@ -48,11 +66,7 @@ def cmd_generate(args: argparse.Namespace, argv: list[str]) -> int:
 
     try:
         engine, tok = open_checkpoint(Path(args.checkpoint), tp=args.tp, log=log)
-        chat = args.chat or any(isinstance(p, list) for p in prompts)
-        ids = [generate.encode_prompt(p, tok, args.chat, args.system) for p in prompts]
-        stop_ids = args.stop_id or (generate.chat_stop_ids(tok) if chat else None)
-        if stop_ids is not None:
-            params = generate.SamplingParams(**{**params.__dict__, "stop_ids": tuple(stop_ids)})
+        ids, params = encode_prompts(args, prompts, tok, params)
         results = generate.generate_all(generate.Generator(engine, tok), ids, params, args.batch_size,
                                  progress=engine.topo.rank == 0)
         if engine.topo.rank == 0:
@@ -64,6 +78,91 @@ def cmd_generate(args: argparse.Namespace, argv: list[str]) -> int:
                     print(r.text if len(prompts) == 1 else f"### {prompt}\n{r.text}\n")
     finally:
         shutdown()
+    return 0
+
+
+def check_best_of_flags(args: argparse.Namespace) -> None:
+    """The judge flags belong to --best-of N > 1."""
+    from hcx.engine.generate import GenerationError
+
+    if args.best_of < 1:
+        raise GenerationError(f"--best-of must be at least 1, got {args.best_of}")
+    given = [flag for key, flag in (("judge", "--judge"), ("judge_prompts", "--judge-prompts"),
+                                    ("judge_prompt", "--judge-prompt"),
+                                    ("judge_max_new_tokens", "--judge-max-new-tokens"))
+             if getattr(args, key) is not None]
+    if given and args.best_of == 1:
+        raise GenerationError(f"{', '.join(given)} judge{'s' if len(given) == 1 else ''} the "
+                              "candidates of --best-of N (N > 1)")
+
+
+def encode_prompts(args: argparse.Namespace, prompts: list, tok, params):
+    """Token ids of the prompts, and ``params`` with the stop ids of chat replies."""
+    from dataclasses import replace
+
+    from hcx.engine import generate
+
+    chat = args.chat or any(isinstance(p, list) for p in prompts)
+    ids = [generate.encode_prompt(p, tok, args.chat, args.system) for p in prompts]
+    stop_ids = args.stop_id or (generate.chat_stop_ids(tok) if chat else None)
+    if stop_ids is not None:
+        params = replace(params, stop_ids=tuple(stop_ids))
+    return ids, params
+
+
+#: The judge's reply budget under --best-of when --judge-max-new-tokens is not given (a
+#: JSFT judge answers [[A]] in a few tokens; a rationale first takes more); at most half
+#: the judge's context window, so the judge prompt keeps the other half.
+JUDGE_MAX_NEW_TOKENS = 512
+
+
+def generate_best_of(args: argparse.Namespace, prompts: list, params, judge_prompt) -> int:
+    """``hcx generate --best-of N``: SELF-JUDGE's self-rejection (hcx.stages.self_judge)."""
+    import json
+
+    from hcx.engine.generate import Generator
+    from hcx.evaluation.models import HcxModel
+    from hcx.stages import self_judge
+
+    policy = HcxModel(args.checkpoint, tp=args.tp, log=log)
+    judge_model = None
+    try:
+        judge_model = self_judge.open_judge_model(args.judge or "self", policy, tp=args.tp,
+                                                  log=log)
+        budget = args.judge_max_new_tokens or min(JUDGE_MAX_NEW_TOKENS,
+                                                  judge_model.max_length // 2)
+        judge = self_judge.pair_judge(judge_model, judge_prompt, budget)
+        ids, params = encode_prompts(args, prompts, policy.tokenizer, params)
+        questions = [self_judge.judge_question(p) for p in prompts]
+        results = self_judge.best_of_n(Generator(policy.engine, policy.tokenizer), ids,
+                                       questions, params, args.best_of, judge,
+                                       batch_size=args.batch_size)
+        if policy.rank0:
+            for prompt, r in zip(prompts, results):
+                counts = r.rejection.counts
+                log(f"best of {args.best_of}: candidate {r.rejection.winner_index} won "
+                    f"({counts['matches']} matches; ties {counts['ties']}, inconsistent "
+                    f"{counts['inconsistent']}, unparseable replies {counts['unparseable']} "
+                    f"of {counts['judge_calls']})")
+                if args.json:
+                    win = r.winner
+                    print(json.dumps({
+                        "prompt": prompt, "text": win.text, "ids": win.ids,
+                        "finish_reason": win.finish_reason,
+                        "best_of": {
+                            "n": args.best_of, "judge": "self" if judge_model is policy
+                            else judge_model.path, "judge_prompt": judge_prompt.name,
+                            "candidates": [{"text": g.text, "ids": g.ids,
+                                            "finish_reason": g.finish_reason}
+                                           for g in r.candidates],
+                            **r.rejection.to_dict()}}, ensure_ascii=False))
+                else:
+                    text = r.winner.text
+                    print(text if len(prompts) == 1 else f"### {prompt}\n{text}\n")
+    finally:
+        if judge_model is not None and judge_model is not policy:
+            judge_model.close()
+        policy.close()
     return 0
 
 
@@ -117,11 +216,13 @@ def add_parsers(sub) -> None:
                         "<|endofturn|>")
     p.add_argument("--system", help="a system message for chat prompts")
     p.add_argument("--max-new-tokens", type=int, default=128, help="default: 128")
-    p.add_argument("--temperature", type=float, default=0.0,
-                   help="0 (default) is greedy; > 0 samples from softmax(logits / T)")
+    p.add_argument("--temperature", type=float,
+                   help="0 (default) is greedy; > 0 samples from softmax(logits / T) "
+                        "(default 1.0 with --best-of)")
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely (0: all)")
-    p.add_argument("--top-p", type=float, default=1.0,
-                   help="sample from the smallest set with this much probability (1: all)")
+    p.add_argument("--top-p", type=float,
+                   help="sample from the smallest set with this much probability (default 1: "
+                        "all; 0.9 with --best-of)")
     p.add_argument("--repetition-penalty", type=float, default=1.0,
                    help="> 1 discourages repeating tokens of the prompt and output (CTRL)")
     p.add_argument("--stop", action="append", default=[], metavar="STRING",
@@ -135,6 +236,30 @@ def add_parsers(sub) -> None:
                    help="recompute the whole sequence each step instead of using the KV cache")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel processes (default: 1)")
     p.add_argument("--json", action="store_true",
-                   help="print one JSON object per prompt: prompt, text, ids, finish_reason")
+                   help="print one JSON object per prompt: prompt, text, ids, finish_reason "
+                        "(with --best-of also best_of: every candidate, every match with the "
+                        "judge's replies, and the counts)")
+    g = p.add_argument_group(
+        "self-rejection", "SELF-JUDGE (Lee et al. 2024, arXiv:2402.11253; docs/alignment.md): "
+                          "sample N responses per prompt and keep the one a pairwise judge "
+                          "prefers in a single-elimination tournament, every match judged in "
+                          "both orders (a tie or contradicting orders: the lower candidate "
+                          "number goes through)")
+    g.add_argument("--best-of", type=int, default=1, metavar="N",
+                   help="sample N responses (seeded, one batch after another) and keep the "
+                        "judge's choice (default 1: no judging)")
+    g.add_argument("--judge", metavar="JUDGE",
+                   help="self (default: the checkpoint judges its own samples, as a JSFT model "
+                        "does), another hcx checkpoint (opened beside it at --tp), a Hugging "
+                        "Face directory, or an endpoint URL")
+    g.add_argument("--judge-prompts", metavar="FILE",
+                   help="FastChat judge_prompts.jsonl or YAML (default: "
+                        "data://eval/mt_bench_en/judge_prompts.jsonl; Korean: "
+                        "data://eval/ko_mt_bench/judge_prompts_ko.jsonl)")
+    g.add_argument("--judge-prompt", metavar="NAME",
+                   help="the pairwise prompt in it (default: pair-v2)")
+    g.add_argument("--judge-max-new-tokens", type=int, metavar="N",
+                   help=f"tokens per judge reply, greedy (default {JUDGE_MAX_NEW_TOKENS}, at "
+                        "most half the judge's context window)")
     p.set_defaults(func=cmd_generate)
 

@@ -317,7 +317,7 @@ class Judge:
             user = prompt.fill(self.single_values(case),
                                _what("single", case.turn, case.reference is not None))
             chosen.append(prompt)
-            messages.append(_messages(prompt, user))
+            messages.append(judge_messages(prompt, user))
         texts = self._ask(messages, desc)
         return [Verdict(parse_rating(t), t, p.name) for p, t in zip(chosen, texts)]
 
@@ -354,7 +354,8 @@ class Judge:
             what = _what("pairwise", case.turn, case.reference is not None)
             chosen.append(prompt)
             for swap in (False, True):
-                messages.append(_messages(prompt, prompt.fill(self.pair_values(case, swap), what)))
+                user = prompt.fill(self.pair_values(case, swap), what)
+                messages.append(judge_messages(prompt, user))
         texts = self._ask(messages, desc)
         out = []
         for i, prompt in enumerate(chosen):
@@ -370,7 +371,10 @@ class Judge:
         return self.model.generate(requests, desc=desc)
 
 
-def _messages(prompt: JudgePrompt, user: str) -> list[dict]:
+def judge_messages(prompt: JudgePrompt, user: str) -> list[dict]:
+    """The chat messages a judge is asked with: the prompt's system message (when it has
+    one) and ``user``, the filled template. Training data for a judge (SELF-JUDGE's JSFT)
+    is built with the same function, so the judge is trained on what it is asked."""
     system = [{"role": "system", "content": prompt.system_prompt}] if prompt.system_prompt else []
     return [*system, {"role": "user", "content": user}]
 

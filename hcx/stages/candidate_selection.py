@@ -54,24 +54,34 @@ class TournamentResult(Generic[T]):
     rounds: list[list[tuple[int, int, int]]] = field(default_factory=list)
 
 
-def judge_match(a: T, b: T, prefer: Callable[[T, T], Verdict]) -> tuple[int, int, int]:
-    """Judge one pair in both orders. Returns (points of a, points of b, unparseable
-    replies): each order gives one point to the candidate it prefers; "tie" and unparseable
-    replies give none."""
+def match_points(first: Verdict, second: Verdict) -> tuple[int, int, int]:
+    """Points of a match (a, b) from its two verdicts: ``first`` on (a, b), ``second`` on
+    (b, a). Returns (points of a, points of b, unparseable replies): each order gives one
+    point to the candidate it prefers; "tie" and unparseable replies give none."""
     points_a = points_b = unparseable = 0
-    for first_is_a in (True, False):
-        verdict = prefer(a, b) if first_is_a else prefer(b, a)
+    for verdict, a_shown_first in ((first, True), (second, False)):
         if verdict is None:
             unparseable += 1
-        elif verdict == "A":
-            points_a, points_b = (points_a + 1, points_b) if first_is_a else (points_a,
-                                                                               points_b + 1)
-        elif verdict == "B":
-            points_a, points_b = (points_a, points_b + 1) if first_is_a else (points_a + 1,
-                                                                               points_b)
+        elif verdict in ("A", "B"):
+            if (verdict == "A") == a_shown_first:
+                points_a += 1
+            else:
+                points_b += 1
         elif verdict != "tie":
             raise ValueError(f"a judge verdict must be 'A', 'B', 'tie' or None, not {verdict!r}")
     return points_a, points_b, unparseable
+
+
+def judge_match(a: T, b: T, prefer: Callable[[T, T], Verdict]) -> tuple[int, int, int]:
+    """Judge one pair in both orders, ``prefer(a, b)`` then ``prefer(b, a)``: see
+    :func:`match_points`."""
+    first = prefer(a, b)
+    return match_points(first, prefer(b, a))
+
+
+#: Judges every match of a round at once: given the matches (a, b), returns per match the
+#: verdicts on (a, b) and on (b, a). One call per round lets a model judge them in a batch.
+JudgeMatches = Callable[[list[tuple[T, T]]], list[tuple[Verdict, Verdict]]]
 
 
 def tournament(candidates: Sequence[T], prefer: Callable[[T, T], Verdict], *,
@@ -100,23 +110,59 @@ def tournament(candidates: Sequence[T], prefer: Callable[[T, T], Verdict], *,
 
     ``prefer(first, second)`` returns "A" (first is better), "B", "tie" or None (the reply
     could not be parsed). Returns a :class:`TournamentResult`; one candidate wins without a
-    match; no candidates raise ValueError.
+    match; no candidates raise ValueError. :func:`tournaments` runs many at once, each
+    round judged in one batch.
     """
-    if not candidates:
-        raise ValueError("a tournament needs at least one candidate")
-    result: TournamentResult[T] = TournamentResult(winner_index=0, winner=candidates[0])
-    alive = list(range(len(candidates)))
-    while len(alive) > 1:
-        if rng is not None:
-            rng.shuffle(alive)
-        survivors: list[int] = []
-        if len(alive) % 2 == 1:
-            survivors.append(alive[0])
-            result.byes += 1
-            alive = alive[1:]
-        played: list[tuple[int, int, int]] = []
-        for i, j in zip(alive[0::2], alive[1::2]):
-            pa, pb, bad = judge_match(candidates[i], candidates[j], prefer)
+    def judge_round(pairs: list[tuple[T, T]]) -> list[tuple[Verdict, Verdict]]:
+        out = []
+        for a, b in pairs:  # in order: (a, b) then (b, a), match after match
+            first = prefer(a, b)
+            out.append((first, prefer(b, a)))
+        return out
+
+    return tournaments([candidates], judge_round, rngs=[rng])[0]
+
+
+def tournaments(groups: Sequence[Sequence[T]], judge: JudgeMatches, *,
+                rngs: Sequence[random.Random | None] | None = None) -> list[TournamentResult[T]]:
+    """One :func:`tournament` per group of candidates (the N samples of each prompt), run
+    in lockstep as the authors' ``tournament_rejection_sampling`` runs its contexts: each
+    round, every group's matches go to ``judge`` in one call (so a model judges them in
+    one batch), in group order. ``rngs[g]`` shuffles group g's brackets (None, or no
+    ``rngs``: index order). The results equal separate :func:`tournament` calls."""
+    if rngs is None:
+        rngs = [None] * len(groups)
+    if len(rngs) != len(groups):
+        raise ValueError(f"{len(groups)} groups of candidates but {len(rngs)} rngs")
+    results: list[TournamentResult[T]] = []
+    alive: list[list[int]] = []
+    for candidates in groups:
+        if not candidates:
+            raise ValueError("a tournament needs at least one candidate")
+        results.append(TournamentResult(winner_index=0, winner=candidates[0]))
+        alive.append(list(range(len(candidates))))
+    while any(len(a) > 1 for a in alive):
+        survivors: list[list[int]] = [[] for _ in groups]
+        planned: list[tuple[int, int, int]] = []  # (group, index, index)
+        for g, rng in enumerate(rngs):
+            playing = alive[g]
+            if len(playing) < 2:
+                survivors[g] = playing
+                continue
+            if rng is not None:
+                rng.shuffle(playing)
+            if len(playing) % 2 == 1:
+                survivors[g].append(playing[0])
+                results[g].byes += 1
+                playing = playing[1:]
+            planned += [(g, i, j) for i, j in zip(playing[0::2], playing[1::2])]
+            results[g].rounds.append([])
+        verdicts = judge([(groups[g][i], groups[g][j]) for g, i, j in planned])
+        if len(verdicts) != len(planned):
+            raise ValueError(f"the judge answered {len(verdicts)} of {len(planned)} matches")
+        for (g, i, j), (first, second) in zip(planned, verdicts):
+            result = results[g]
+            pa, pb, bad = match_points(first, second)
             result.matches += 1
             result.judge_calls += 2
             result.unparseable += bad
@@ -127,13 +173,13 @@ def tournament(candidates: Sequence[T], prefer: Callable[[T, T], Verdict], *,
                 winner = min(i, j)
             else:
                 winner = i if pa > pb else j
-            survivors.append(winner)
-            played.append((i, j, winner))
-        result.rounds.append(played)
+            survivors[g].append(winner)
+            result.rounds[-1].append((i, j, winner))
         alive = survivors
-    result.winner_index = alive[0]
-    result.winner = candidates[alive[0]]
-    return result
+    for g, result in enumerate(results):
+        result.winner_index = alive[g][0]
+        result.winner = groups[g][alive[g][0]]
+    return results
 
 
 # ---------------------------------------------------------------------------------------------

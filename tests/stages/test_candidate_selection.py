@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from hcx.stages.candidate_selection import binarize_scores, judge_match, tournament
+from hcx.stages.candidate_selection import (binarize_scores, judge_match, match_points,
+                                            tournament, tournaments)
 
 
 def by_quality(quality: dict[str, float]):
@@ -87,6 +88,26 @@ def test_tournament_edge_cases():
     first = tournament(list(quality), by_quality(quality), rng=random.Random(3))
     again = tournament(list(quality), by_quality(quality), rng=random.Random(3))
     assert first.rounds == again.rounds and first.winner_index == again.winner_index
+
+
+def test_tournaments_in_lockstep_equal_separate_tournaments():
+    quality = {f"{g}{i}": float((7 * i + g) % 5) for g in range(3) for i in range(6)}
+    groups = [[f"{g}{i}" for i in range(n)] for g, n in enumerate((5, 1, 6))]
+    rounds_judged: list[int] = []
+
+    def judge(pairs):  # one call per round, every group's matches in it
+        rounds_judged.append(len(pairs))
+        prefer = by_quality(quality)
+        return [(prefer(a, b), prefer(b, a)) for a, b in pairs]
+
+    together = tournaments(groups, judge, rngs=[random.Random(g) for g in range(3)])
+    apart = [tournament(c, by_quality(quality), rng=random.Random(g)) for g, c in enumerate(groups)]
+    assert together == apart
+    # rounds: 5 -> 3 -> 2 -> 1 and 6 -> 3 -> 2 -> 1: (2 + 3), (1 + 1), (1 + 1) matches
+    assert rounds_judged == [5, 2, 2]
+    assert match_points("A", "B") == (2, 0, 0) and match_points("B", None) == (0, 1, 1)
+    with pytest.raises(ValueError, match="answered 0 of 1"):
+        tournaments([["a", "b"]], lambda pairs: [])
 
 
 def test_binarize_scores_by_hand():
