@@ -66,6 +66,20 @@ def token_logps_output(model, batch: dict) -> torch.Tensor:
 def score(model, batches: list[dict], seq_length: int) -> list[torch.Tensor]:
     """Summed completion log-probs per row of each batch (a forward-only pipeline pass).
     On the last pipeline stage; an empty list elsewhere."""
+    return _forward_only(model, batches, seq_length,
+                         lambda output, mask: sequence_logps(output, mask)[0])
+
+
+@torch.no_grad()
+def token_scores(model, batches: list[dict], seq_length: int) -> list[torch.Tensor]:
+    """Per-token log-probs ``[rows, seq_length]`` of each batch's labels, 0 outside
+    ``loss_mask`` (a forward-only pipeline pass; the on-policy methods keep the rollout
+    policy's and the reference's). On the last pipeline stage; an empty list elsewhere."""
+    return _forward_only(model, batches, seq_length,
+                         lambda output, mask: -output.float() * mask.float())
+
+
+def _forward_only(model, batches: list[dict], seq_length: int, reduce) -> list[torch.Tensor]:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     if not batches:
@@ -78,13 +92,18 @@ def score(model, batches: list[dict], seq_length: int) -> list[torch.Tensor]:
         mask = b["loss_mask"].to(dev)
 
         def collect(output, non_loss_data=False):
-            return sequence_logps(output, mask)[0].detach().to("cpu", torch.float64)
+            return reduce(output, mask).detach().to("cpu", torch.float64)
 
         return out, collect
 
-    outputs = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(batches), model=[model],
-        num_microbatches=len(batches), seq_length=seq_length,
-        micro_batch_size=batches[0]["tokens"].shape[0], forward_only=True,
-        collect_non_loss_data=True)
+    training = model.training
+    model.eval()  # a policy scored between its training steps: no dropout
+    try:
+        outputs = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(batches), model=[model],
+            num_microbatches=len(batches), seq_length=seq_length,
+            micro_batch_size=batches[0]["tokens"].shape[0], forward_only=True,
+            collect_non_loss_data=True)
+    finally:
+        model.train(training)
     return list(outputs) if outputs else []

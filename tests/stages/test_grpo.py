@@ -1,0 +1,152 @@
+"""GRPO and RLOO (``align.method: grpo | rloo``): reward specs, the verifiable rewards on
+hand-made samples, and the stage end to end through ``hcx align`` (the reward rises, TP=2
+matches one process, a killed run resumes exactly)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hcx.config import load_recipe
+from hcx.stages import stage_for
+from hcx.stages.rewards import (CodeReward, MathReward, RewardError, Sample, code_program,
+                                load_reward, math_correct, parse_spec)
+from tests.conftest import ROOT, SHIPPED_TOKENIZER, hcx, small_recipe
+
+RECIPES = ROOT / "recipes"
+
+
+# --- reward specs ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec, kind, arg", [
+    ("math", "math", ""), ("code", "code", ""),
+    ("judge:self", "judge", "self"), ("judge:http://127.0.0.1:8000/v1", "judge",
+                                      "http://127.0.0.1:8000/v1"),
+    ("judge:/ckpt/step_00000010", "judge", "/ckpt/step_00000010"),
+    ("reward-model:runs/rm/checkpoints", "reward-model", "runs/rm/checkpoints"),
+    ("hcx.scorers:korean_share", "function", "hcx.scorers:korean_share"),
+])
+def test_reward_specs_parse(spec, kind, arg):
+    parsed = parse_spec(spec)
+    assert (parsed.kind, parsed.arg) == (kind, arg)
+
+
+@pytest.mark.parametrize("spec, why", [
+    ("", "empty"), ("maths", "not a reward"), ("judge:", "judge: needs a model"),
+    ("reward-model:", "needs the reward model"), ("hcx.scorers:", "is not 'module:function'"),
+    ("not a module:f", "is not 'module:function'"),
+])
+def test_bad_reward_specs_name_the_key(spec, why):
+    with pytest.raises(RewardError, match=why) as e:
+        parse_spec(spec, "align.online.reward")
+    assert str(e.value).startswith(f"align.online.reward={spec!r}: ")
+    assert "math, code, judge:MODEL, reward-model:PATH, module:function" in str(e.value)
+
+
+def test_function_rewards_load_and_bad_ones_are_named():
+    cfg = load_recipe(RECIPES / "tiny-grpo.yaml").align.online
+    reward = load_reward("hcx.scorers:korean_share", cfg)
+    assert reward([Sample("hi", "가a"), Sample([{"role": "user", "content": "x"}], "123")]) \
+        == [0.5, 0.0]
+    with pytest.raises(RewardError, match=r"align.online.reward='hcx.scorers:nope': cannot "
+                                          "import it"):
+        load_reward("hcx.scorers:nope", cfg)
+    with pytest.raises(RewardError, match="align.online.judge_prompts: .*no judge prompt "
+                                          "'nope'"):
+        load_reward("judge:self", cfg.model_copy(update={"judge_prompt": "nope"}))
+
+
+def test_math_reward_on_hand_made_samples():
+    assert math_correct("so 48 + 24 = 72.\n#### 72", "... #### 72") == 1.0
+    assert math_correct("#### 1,000", "#### 1000") == 1.0  # lm-eval's normalisation
+    assert math_correct("It is 3, then 72.0", "72") == 1.0  # the last number, as a number
+    assert math_correct("#### 71 (or 72)", "#### 72") == 0.0  # '#### N' wins over the last
+    assert math_correct("no idea", "#### 72") == 0.0
+    reward = MathReward("answer")
+    gsm = {"answer": "Natalia sold 48/2 = 24 clips in May.\n#### 72"}
+    assert reward([Sample("q", "The answer is 72", gsm), Sample("q", "#### 24", gsm)]) == [1, 0]
+    with pytest.raises(RewardError, match="no 'answer' field"):
+        reward([Sample("q", "72", {})])
+
+
+def test_math_answer_from_chat_data():
+    from hcx.stages.grpo import split_answer
+
+    messages = [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "#### 4"}]
+    prompt, record = split_answer(messages, {"messages": messages}, "answer")
+    assert prompt == messages[:1] and record["answer"] == "#### 4"
+    assert split_answer("2 + 2?", {"answer": "4"}, "answer") == ("2 + 2?", {"answer": "4"})
+
+
+def test_code_reward_on_hand_made_samples():
+    mbpp = {"test_list": ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"]}
+    good = "Here it is:\n```python\ndef add(a, b):\n    return a + b\n```\nDone."
+    bad = "def add(a, b):\n    return a - b"
+    assert code_program(good, mbpp, "test_list").startswith("def add(a, b):\n    return a + b\n")
+    humaneval = {"test": "def check(f):\n    assert f(2) == 4\n", "entry_point": "double"}
+    program = code_program("def double(x):\n    return 2 * x", humaneval, "test")
+    assert program.rstrip().endswith("check(double)")
+    reward = CodeReward("test_list", timeout_s=10, workers=2)
+    assert reward([Sample("q", good, mbpp), Sample("q", bad, mbpp),
+                   Sample("q", "while True: pass", mbpp)]) == [1.0, 0.0, 0.0]
+    assert CodeReward("test")([Sample("q", "def double(x):\n    return 2 * x", humaneval)]) == [1.0]
+    with pytest.raises(RewardError, match="no 'test' field"):
+        CodeReward("test")([Sample("q", "x = 1", {})])
+
+
+# --- recipes and rules -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, method", [("tiny-grpo.yaml", "grpo"), ("tiny-rloo.yaml", "rloo")])
+def test_shipped_recipes_pass_their_rules(name, method):
+    recipe = load_recipe(RECIPES / name)
+    stage = stage_for("align", recipe)
+    assert stage.name == method
+    stage.resolve(recipe)
+
+
+def test_rules_name_the_keys():
+    from hcx.config import RecipeError
+
+    recipe = load_recipe(RECIPES / "tiny-grpo.yaml", [
+        "parallel.pp=2", "align.online.samples_per_prompt=3", "align.online.reward=maths",
+        "align.online.epsilon_high=0.1", "align.online.beta=0.1", "checkpoint.init_from=null"])
+    with pytest.raises(RecipeError) as e:
+        stage_for("align", recipe).resolve(recipe)
+    msg = str(e.value)
+    assert "parallel.pp: align.method=grpo samples through the generation engine" in msg
+    assert "train.global_batch_size: train.global_batch_size=16 must be a multiple of " \
+           "align.online.samples_per_prompt * parallel.dp = 3 * 1" in msg
+    assert "align.online.reward: align.online.reward='maths': not a reward" in msg
+    assert "align.online.epsilon_high: align.online.epsilon_high=0.1 is below" in msg
+    assert "align.reference: " in msg and "align.online.beta > 0 needs it" in msg
+    recipe = load_recipe(RECIPES / "tiny-dpo.yaml", ["align.method=rloo"])
+    with pytest.raises(RecipeError, match="align.online: align.method=rloo needs align.online"):
+        stage_for("align", recipe).resolve(recipe)
+
+
+# --- end to end --------------------------------------------------------------------------
+
+
+def online_recipe(tmp_path: Path, sft_checkpoint: Path, name: str = "run", **online) -> Path:
+    """GRPO on the session's tiny SFT model: English prompts, rewarded for Korean letters
+    (hcx.scorers:korean_share), 4 completions of 2 prompts per step."""
+    return small_recipe(
+        tmp_path / f"{name}.yaml", tmp_path / name, tmp_path / "unused",
+        data={"tokenizer": {"kind": "sentencepiece", "path": SHIPPED_TOKENIZER},
+              "seq_length": 64,
+              "sources": [{"name": "en", "path": "data://train/sft/en_alpaca_seed_tasks/train.jsonl"}]},
+        train={"steps": 12, "global_batch_size": 8, "micro_batch_size": 4, "warmup_steps": 0,
+               "lr": 3e-3, "min_lr": 3e-3, "decay_style": "constant"},
+        checkpoint={"save_every": 0, "init_from": str(sft_checkpoint)},
+        align={"method": "grpo", "max_prompt_length": 32,
+               "online": {"reward": "hcx.scorers:korean_share", "samples_per_prompt": 4,
+                          "max_new_tokens": 12, "prompts_field": "messages", "beta": 0.04,
+                          **online}})
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
