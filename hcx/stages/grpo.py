@@ -23,7 +23,9 @@ Each rollout, on every DP rank (``align.online``, docs/alignment.md "GRPO and RL
    in the loss) or :func:`~hcx.stages.online_losses.rloo_loss` (sequence-level), plus
    ``unlikelihood_weight`` times :func:`~hcx.stages.online_losses.repetition_unlikelihood_loss`.
 
-With one pass the ratio is pi / pi_old = 1 with pi's gradient (TRL's shortcut), so no
+Log-probs are those of the sampling distribution, softmax(logits / temperature), for
+the policy, the rollout policy and the reference alike (as TRL). With one pass the
+ratio is pi / pi_old = 1 with pi's gradient (TRL's shortcut), so no
 scoring pass is run for it. The task's checkpoint state holds the reward normaliser and,
 between passes, the rollout (every DP rank's, gathered): a run stopped anywhere resumes
 exactly. Sampling seeds depend on the step only, so no generator state is needed.
@@ -205,7 +207,8 @@ class OnlineTask:
         mask = completion_mask(rollout.lengths, width).double()
 
         def per_token(model) -> list[list[float]]:
-            scores = torch.cat(token_scores(model, batches, r.data.seq_length))
+            scores = torch.cat(token_scores(model, batches, r.data.seq_length,
+                                            self.cfg.temperature))
             return (to_completion_tokens(scores, index) * mask).tolist()
 
         if self.keeps_old:
@@ -293,7 +296,7 @@ class OnlineTask:
     # -- the loss -----------------------------------------------------------------------
 
     def forward_step(self, model, batch):
-        return token_logps_output(model, batch), partial(self.loss, batch)
+        return token_logps_output(model, batch, self.cfg.temperature), partial(self.loss, batch)
 
     def loss(self, batch, output):
         cfg, dev = self.cfg, output.device
