@@ -350,6 +350,7 @@ def engine_language_model(module, recipe, tokenizer, name: str):
 
     class EngineLanguageModel(LanguageModel):
         kind = "hcx"
+        rank0 = False  # no progress bars inside a training run
 
         def __init__(self):
             self.name = self.path = name

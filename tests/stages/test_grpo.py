@@ -221,3 +221,55 @@ def test_grpo_tp2_matches_one_process(grpo_run, tmp_path):
     got, ref = records(out), grpo_run["records"][:2]
     for key in ("loss", "reward", "kl", "completions/mean_length"):
         assert [r[key] for r in got] == pytest.approx([r[key] for r in ref], rel=1e-4, abs=1e-6), key
+
+
+def test_judge_reward_scales_ratings_and_counts_unparsed():
+    from hcx.evaluation.judges import Judge, load_prompts
+    from hcx.paths import resolve
+    from hcx.stages.rewards import JudgeReward, rewards_on_tp
+
+    class Scripted:  # answers each judge request in turn
+        def __init__(self, replies):
+            self.replies, self.requests = replies, []
+
+        def generate(self, requests, desc=""):
+            self.requests += requests
+            return self.replies[:len(requests)]
+
+    prompts = load_prompts(resolve("data://eval/mt_bench_en/judge_prompts.jsonl"))
+    model = Scripted(["Good. Rating: [[10]]", "Meh [[4]]", "no rating here"])
+    reward = JudgeReward(Judge(model, prompts, 64), "judge:scripted", collective=False)
+    chat = [{"role": "user", "content": "earlier"}, {"role": "assistant", "content": "x"},
+            {"role": "user", "content": "What is 2+2?"}]
+    samples = [Sample("Say hi", "Hi!"), Sample(chat, "4"), Sample("q", "a")]
+    assert reward(samples) == [1.0, pytest.approx(3 / 9), None]
+    user = model.requests[1].prompt[-1]["content"]
+    assert "What is 2+2?" in user and "earlier" not in user  # the last user turn is graded
+    model.requests.clear()
+    assert rewards_on_tp(reward, samples) == ([1.0, pytest.approx(3 / 9), 0.0],
+                                              [True, True, False])
+
+
+def test_samples_without_a_verdict_get_advantage_zero():
+    """A None reward takes its group's mean parsed reward: advantage 0, the group's mean
+    unchanged; a group without any verdict teaches nothing. Reported: the raw mean over
+    parsed samples and the unparsed fraction."""
+    from types import SimpleNamespace
+
+    from hcx.stages.grpo import OnlineTask
+    from hcx.stages.rollouts import Rollout
+
+    cfg = load_recipe(RECIPES / "tiny-grpo.yaml", ["align.online.samples_per_prompt=3"]).align.online
+    task = OnlineTask.__new__(OnlineTask)
+    task.cfg, task.method, task.normalizer = cfg, "grpo", None
+    task.engine = SimpleNamespace(topo=SimpleNamespace(dp=1, dp_rank=0))
+    rollout = Rollout(0, [[1]] * 6, [[5, 6], [5], [7, 8, 9]] * 2,
+                      [1.0, 0.0, 0.0, 0.0, 0.0, 0.0], [True, True, False, False, False, False],
+                      [], [True] * 6)
+    task._advantages(rollout)
+    assert rollout.rewards[:3] == [1.0, 0.0, 0.5]
+    a = rollout.advantages
+    assert a[2] == 0.0 and a[0] == pytest.approx(-a[1]) and a[0] > 0
+    assert a[3:] == [0.0, 0.0, 0.0]
+    assert rollout.stats["reward"] == 0.5 and rollout.stats["reward/unparsed"] == pytest.approx(4 / 6)
+    assert rollout.stats["mean_tokens"] == 2.0
