@@ -90,7 +90,7 @@ def test_code_reward_on_hand_made_samples():
     humaneval = {"test": "def check(f):\n    assert f(2) == 4\n", "entry_point": "double"}
     program = code_program("def double(x):\n    return 2 * x", humaneval, "test")
     assert program.rstrip().endswith("check(double)")
-    reward = CodeReward("test_list", timeout_s=10, workers=2)
+    reward = CodeReward("test_list", timeout_s=2, workers=2)
     assert reward([Sample("q", good, mbpp), Sample("q", bad, mbpp),
                    Sample("q", "while True: pass", mbpp)]) == [1.0, 0.0, 0.0]
     assert CodeReward("test")([Sample("q", "def double(x):\n    return 2 * x", humaneval)]) == [1.0]
@@ -196,19 +196,20 @@ def test_grpo_raises_a_verifiable_reward(grpo_run):
 def test_grpo_sigkill_then_resume_is_exact(grpo_run, tmp_path):
     """Killed after step 4 (checkpoint of step 3, in the middle of a rollout's two
     passes: the rollout is in the checkpoint), the same command resumes and reproduces
-    every step of the uninterrupted run exactly."""
+    every step of the uninterrupted run exactly (6 of its 12 steps: the learning rate is
+    constant, so a shorter run is the same run)."""
     from tests.engine.test_engine import run_and_kill_after
 
     run = tmp_path / "killed"
     args = [str(grpo_run["recipe"]), f"output_dir={run}", "train.global_batch_size=16",
-            "train.lr=1e-3", "train.min_lr=1e-3", "checkpoint.save_every=3"]
+            "train.lr=1e-3", "train.min_lr=1e-3", "checkpoint.save_every=3", "train.steps=6"]
     run_and_kill_after(args, run, kill_after_step=4, command="align")
-    assert max(losses(run)) < 12, "killed too late to test anything"
+    assert max(losses(run)) < 6, "killed too late to test anything"
     meta = json.loads((run / "checkpoints/step_00000003/hcx.json").read_text())
     assert meta["task_state"]["rollout"]["parts"][0]["number"] == 1  # steps 3 and 4's
     proc = hcx("align", *args)
     assert "resumed from" in proc.stdout and "at step 3" in proc.stdout
-    expected = {r["step"]: (r["loss"], r["reward"], r["kl"]) for r in grpo_run["records"]}
+    expected = {r["step"]: (r["loss"], r["reward"], r["kl"]) for r in grpo_run["records"][:6]}
     got = {r["step"]: (r["loss"], r["reward"], r["kl"]) for r in records(run)}
     assert got == expected
 
