@@ -258,10 +258,72 @@ class FDPGConfig(Strict):
                        "and add the generation prompt")
 
 
+class OnlineConfig(Strict):
+    """On-policy policy gradient (``align.method: grpo`` or ``rloo``): sample
+    ``samples_per_prompt`` completions of each prompt from the current policy, reward them,
+    and step on the clipped policy-gradient loss (docs/alignment.md, "GRPO and RLOO")."""
+
+    reward: str = Field(description="what rewards a completion: 'math', 'code', "
+                        "'judge:MODEL' (self, a checkpoint, an HF dir or an http(s) endpoint), "
+                        "'reward-model:PATH' or 'module:function' (a Python callable taking "
+                        "(prompts, completions) lists of strings and returning floats)")
+    samples_per_prompt: int = Field(default=4, ge=2, description="K, the group size: "
+                                    "completions sampled per prompt")
+    max_new_tokens: int = Field(default=64, gt=0)
+    temperature: float = Field(default=1.0, gt=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    epsilon: float = Field(default=0.2, gt=0, lt=1, description="clip range below 1")
+    epsilon_high: float | None = Field(default=None, gt=0, description="clip range above "
+                                       "1; None = epsilon (DAPO's clip-higher: 0.28)")
+    beta: float = Field(default=0.0, ge=0, description="KL coefficient against the "
+                        "reference model (0: no reference model in memory); rloo puts it in "
+                        "the reward, grpo in the loss")
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    loss_type: Literal["grpo", "bnpo", "dapo", "dr_grpo"] = Field(
+        default="dapo", description="grpo: how token losses are averaged (rloo's loss is "
+        "per sequence)")
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        default="group", description="grpo: divide advantages by the group's (or the "
+        "batch's) reward standard deviation, or not (Dr. GRPO)")
+    normalize_advantages: bool = Field(default=False, description="rloo: standardise the "
+                                       "advantages over the batch")
+    reward_clip: tuple[float, float] | None = Field(default=None, description="clamp raw "
+                                                     "rewards into [low, high]")
+    normalize_rewards: bool = Field(default=False, description="whiten rewards with running "
+                                    "statistics (kept in checkpoints)")
+    normalize_clip: float | None = Field(default=5.0, gt=0, description="with "
+                                         "normalize_rewards: clip at +-N sigma (None: no clip)")
+    passes: int = Field(default=1, ge=1, description="optimizer steps on each rollout batch "
+                        "(old-policy log-probs and the clipped ratio make the later ones "
+                        "off-policy-safe)")
+    unlikelihood_weight: float = Field(default=0.0, ge=0, description="weight of the "
+                                       "repetition unlikelihood term (0: off)")
+    unlikelihood_ngram: int = Field(default=4, gt=0)
+    prompts_field: str = Field(default="prompt", description="prompt field in the source "
+                               "rows (a string or a list of chat messages; a list ending with "
+                               "an assistant turn loses it, and that turn is the answer)")
+    chat: bool = Field(default=True, description="wrap string prompts as one user turn "
+                       "and add the generation prompt")
+    answer_field: str = Field(default="answer", description="math: the record's reference "
+                              "answer (GSM8K's '... #### 42' or a number)")
+    tests_field: str = Field(default="test", description="code: the record's tests (Python "
+                             "source, or a list of assert lines)")
+    code_timeout_s: float = Field(default=10.0, gt=0)
+    code_workers: int = Field(default=2, gt=0)
+    judge_prompts: str = Field(default="data://eval/mt_bench_en/judge_prompts.jsonl",
+                               description="judge: FastChat-format judge prompts")
+    judge_prompt: str = Field(default="single-v1", description="judge: the single-answer "
+                              "prompt's name in judge_prompts")
+    judge_max_new_tokens: int = Field(default=256, gt=0)
+    generation_batch_size: int = Field(default=64, gt=0, description="sequences per call "
+                                       "of the generation engine")
+
+
 class AlignConfig(Strict):
     """Preference alignment (``hcx align``): the method and its options."""
 
-    method: Literal["dpo", "ipo", "kto", "bco", "orpo", "reward", "fdpg"] = "dpo"
+    method: Literal["dpo", "ipo", "kto", "bco", "orpo", "reward", "fdpg", "grpo",
+                    "rloo"] = "dpo"
     beta: float = Field(default=0.1, gt=0, description="DPO/IPO/KTO/BCO: the KL "
                         "coefficient; ORPO: the odds-ratio weight (lambda); f-DPG reward "
                         "target: the temperature")
@@ -287,6 +349,7 @@ class AlignConfig(Strict):
     center_rewards: float | None = Field(default=None, ge=0, description="reward model: "
                                          "coefficient pulling rewards towards zero mean")
     fdpg: FDPGConfig | None = None
+    online: OnlineConfig | None = None
 
 
 STAGE_SECTIONS = ("sft", "align")  # sections read by one stage only
@@ -453,8 +516,10 @@ def _deep_merge(base: dict, top: dict) -> dict:
 # relative to the current directory, where the user chooses to put runs.
 RECIPE_INPUTS = ("data.tokenizer.path", "data.sources.*.path", "data.sources.*.prefix",
                  "data.prepare.decontaminate.eval_dir", "checkpoint.init_from",
-                 "align.reference", "align.fdpg.scorer")
+                 "align.reference", "align.fdpg.scorer", "align.online.reward",
+                 "align.online.judge_prompts")
 REWARD_MODEL_SCORER = "reward-model:"  # align.fdpg.scorer's checkpoint form
+JUDGE_REWARD = "judge:"  # align.online.reward's judge form
 
 
 def _resolve_inputs(node: Any, key: str, recipe_dir: Path | None,
@@ -470,10 +535,16 @@ def _resolve_inputs(node: Any, key: str, recipe_dir: Path | None,
         return [_resolve_inputs(v, f"{key}.*", recipe_dir, inputs) for v in node]
     if not isinstance(node, str) or key not in inputs:
         return node
-    if key == "align.fdpg.scorer":  # 'module:function', or 'reward-model:PATH'
-        if not node.startswith(REWARD_MODEL_SCORER):
-            return node
-        return REWARD_MODEL_SCORER + resolve_input(node[len(REWARD_MODEL_SCORER):], recipe_dir)
+    if key in ("align.fdpg.scorer", "align.online.reward"):
+        # 'reward-model:PATH' and 'judge:PATH' name inputs; 'module:function', 'math',
+        # 'code', 'judge:self' and 'judge:http(s)://...' do not.
+        for prefix in (REWARD_MODEL_SCORER, JUDGE_REWARD):
+            if node.startswith(prefix):
+                rest = node[len(prefix):]
+                if prefix == JUDGE_REWARD and (rest == "self" or not rest):
+                    return node
+                return prefix + resolve_input(rest, recipe_dir)
+        return node
     return resolve_input(node, recipe_dir)
 
 

@@ -1,4 +1,5 @@
-"""Ready-made scorers for f-DPG targets (``align.fdpg.scorer: hcx.scorers:NAME``).
+"""Ready-made scorers for f-DPG targets (``align.fdpg.scorer: hcx.scorers:NAME``) and
+GRPO/RLOO rewards (``align.online.reward: hcx.scorers:NAME``, :mod:`hcx.stages.rewards`).
 
 A scorer is any Python callable ``scorer(prompts, completions) -> list[float]`` taking
 the decoded prompt and completion of each sample. For a pointwise constraint

@@ -8,6 +8,7 @@ command                 stage                       module
 ``hcx align`` (dpo, ipo, kto, bco, orpo)  preference losses  :mod:`hcx.stages.align`
 ``hcx align`` (reward)  Bradley-Terry reward model  :mod:`hcx.stages.reward`
 ``hcx align`` (fdpg)    f-DPG, on-policy            :mod:`hcx.stages.fdpg`
+``hcx align`` (grpo, rloo)  GRPO / RLOO, on-policy  :mod:`hcx.stages.grpo`
 ======================  ==========================  =================================
 
 :func:`stage_for` picks the stage of a command and recipe; ``hcx align`` picks by
@@ -26,7 +27,8 @@ COMMANDS = ("pretrain", "sft", "align")
 ALIGN_METHODS = {"dpo": "hcx.stages.align:AlignStage", "ipo": "hcx.stages.align:AlignStage",
                  "kto": "hcx.stages.align:AlignStage", "bco": "hcx.stages.align:AlignStage",
                  "orpo": "hcx.stages.align:AlignStage",
-                 "reward": "hcx.stages.reward:RewardStage", "fdpg": "hcx.stages.fdpg:FDPGStage"}
+                 "reward": "hcx.stages.reward:RewardStage", "fdpg": "hcx.stages.fdpg:FDPGStage",
+                 "grpo": "hcx.stages.grpo:GRPOStage", "rloo": "hcx.stages.grpo:RLOOStage"}
 STAGES = {"pretrain": "hcx.stages.pretrain:PretrainStage", "sft": "hcx.stages.sft:SFTStage"}
 
 

@@ -29,7 +29,6 @@ validator says so); TP and DP work. Three models are in memory: policy, proposal
 
 from __future__ import annotations
 
-import importlib
 from functools import partial
 from types import SimpleNamespace
 from typing import Callable
@@ -104,23 +103,11 @@ def prompt_room_errors(recipe) -> list[tuple[str, str]]:
 
 
 def load_scorer(spec: str, recipe, topo, log) -> Callable:
-    """``module:function`` (any importable callable) or ``reward-model:PATH``."""
-    if spec.startswith("reward-model:"):
-        from hcx.stages import reward
-        from hcx.paths import resolve
+    """``module:function`` (any importable callable) or ``reward-model:PATH``, loaded as
+    :mod:`hcx.stages.rewards` loads every reward."""
+    from hcx.stages.rewards import load_scorer as load
 
-        return reward.load_reward_model(resolve(spec[len("reward-model:"):]), recipe, log)
-    module, _, name = spec.partition(":")
-    if not module or not name:
-        raise AlignError(f"align.fdpg.scorer={spec!r}: expected 'module:function' or "
-                         "'reward-model:PATH'")
-    try:
-        fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise AlignError(f"align.fdpg.scorer={spec!r}: cannot import it ({e})") from None
-    if not callable(fn):
-        raise AlignError(f"align.fdpg.scorer={spec!r} is not callable")
-    return fn
+    return load(spec, recipe, log, "align.fdpg.scorer")
 
 
 class FDPGTask:

@@ -89,10 +89,11 @@ def test_tp1_checkpoint_loads_at_tp2_and_pp2_with_identical_logits(reference, tm
     assert torch.allclose(out["tp2"], out["tp1"], atol=1e-5, rtol=0)
 
 
-def run_and_kill_after(args: list[str], run_dir: Path, kill_after_step: int) -> None:
-    """Start ``hcx pretrain`` and SIGKILL its whole process group once ``kill_after_step``
+def run_and_kill_after(args: list[str], run_dir: Path, kill_after_step: int,
+                       command: str = "pretrain") -> None:
+    """Start ``hcx COMMAND`` and SIGKILL its whole process group once ``kill_after_step``
     is in metrics.jsonl."""
-    proc = subprocess.Popen([sys.executable, "-m", "hcx.cli", "pretrain", *args], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "hcx.cli", command, *args], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     metrics = run_dir / "metrics.jsonl"

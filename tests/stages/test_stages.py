@@ -18,10 +18,12 @@ def test_every_align_method_has_a_stage():
     methods = typing.get_args(AlignConfig.model_fields["method"].annotation)
     assert sorted(methods) == sorted(ALIGN_METHODS)
     names = {m: stage_for("align", load_recipe(RECIPES / "tiny-dpo.yaml", [f"align.method={m}",
-                                                 "align.fdpg.scorer=hcx.scorers:has_digit"])).name
+                                                 "align.fdpg.scorer=hcx.scorers:has_digit",
+                                                 "align.online.reward=math"])).name
              for m in methods}
     assert names == {"dpo": "align", "ipo": "align", "kto": "align", "bco": "align",
-                     "orpo": "align", "reward": "reward", "fdpg": "fdpg"}
+                     "orpo": "align", "reward": "reward", "fdpg": "fdpg",
+                     "grpo": "grpo", "rloo": "rloo"}
     assert stage_for("pretrain", load_recipe(RECIPES / "tiny.yaml")).name == "pretrain"
     with pytest.raises(ValueError, match="no training stage 'eval'"):
         stage_for("eval", load_recipe(RECIPES / "tiny.yaml"))
@@ -30,7 +32,8 @@ def test_every_align_method_has_a_stage():
 @pytest.mark.parametrize("command,path", [
     ("pretrain", "tiny.yaml"), ("sft", "tiny-sft.yaml"), ("align", "tiny-dpo.yaml"),
     ("align", "tiny-ipo.yaml"), ("align", "tiny-kto.yaml"), ("align", "tiny-bco.yaml"),
-    ("align", "tiny-orpo.yaml"), ("align", "tiny-reward.yaml"), ("align", "tiny-fdpg.yaml")])
+    ("align", "tiny-orpo.yaml"), ("align", "tiny-reward.yaml"), ("align", "tiny-fdpg.yaml"),
+    ("align", "tiny-grpo.yaml"), ("align", "tiny-rloo.yaml")])
 def test_shipped_recipes_pass_their_stage(command, path):
     recipe = load_recipe(RECIPES / path)
     resolved = stage_for(command, recipe).resolve(recipe)
