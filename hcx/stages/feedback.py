@@ -107,11 +107,9 @@ def read_prompts(sources: Iterable[str], prompt_field: str = "prompt") -> list[F
     """Every distinct prompt of ``sources`` (JSONL, Parquet, directories, globs, hf://,
     data://), in order. A chat prompt ending with an assistant turn loses that turn (chat
     SFT data: it is the answer, kept in the record as ``answer`` unless it has one)."""
-    from hcx.paths import resolve
-
     out: dict[str, FeedbackPrompt] = {}
     for source in sources:
-        for record in iter_records(str(resolve(source))):
+        for record in iter_records(source):
             obj = parse_object(record)
             raw = obj.get(prompt_field)
             prompt = _prompt_of(obj, record.where, prompt_field)
@@ -138,12 +136,10 @@ def read_completions(files: Iterable[str], prompt_field: str = "prompt",
     """Completions written earlier: records with a prompt and a completion (and, where
     given, the ``model`` that wrote it; else the file names the source). Returns the
     prompts in order of first appearance and every prompt's candidates by key."""
-    from hcx.paths import resolve
-
     prompts: dict[str, FeedbackPrompt] = {}
     candidates: dict[str, list[Candidate]] = {}
     for file in files:
-        for record in iter_records(str(resolve(file))):
+        for record in iter_records(file):
             obj = parse_object(record)
             prompt = _prompt_of(obj, record.where, prompt_field)
             if completion_field not in obj:
