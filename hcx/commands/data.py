@@ -69,7 +69,9 @@ def cmd_data_feedback(args: argparse.Namespace, argv: list[str]) -> int:
             models.append((path, model))
         hcx_models = [m for _, m in models if getattr(m, "kind", "") == "hcx"]
         reward, more = feedback.open_reward(
-            args.reward, policy=hcx_models[0] if len(hcx_models) == 1 else None, log=log)
+            args.reward, policy=hcx_models[0] if len(hcx_models) == 1 else None, log=log,
+            judge_prompts=args.judge_prompts, judge_prompt=args.judge_prompt,
+            judge_max_new_tokens=args.judge_max_new_tokens)
         opened += more
         samplers = [feedback.model_sampler(
             model, path, samples=args.samples, max_new_tokens=args.max_new_tokens,
@@ -243,6 +245,14 @@ def add_parsers(sub) -> None:
                         "reward-model:PATH, math (the record's 'answer'), code (its 'test'), "
                         "or judge:self|CHECKPOINT|HF_DIR|URL (MT-Bench single-v1 rating 1-10; "
                         "self: the one hcx --model)")
+    p.add_argument("--judge-prompts", metavar="FILE",
+                   help="judge: FastChat judge_prompts.jsonl or YAML (default: "
+                        "data://eval/mt_bench_en/judge_prompts.jsonl; Korean: "
+                        "data://eval/ko_mt_bench/judge_prompts_ko.jsonl)")
+    p.add_argument("--judge-prompt", metavar="NAME",
+                   help="judge: the single-answer prompt in it (default: single-v1)")
+    p.add_argument("--judge-max-new-tokens", type=int, metavar="N",
+                   help="judge: tokens per rating reply, greedy (default: 256)")
     p.add_argument("--out", required=True, metavar="OUT.jsonl", help="the preference pairs")
     p.add_argument("--seed", type=int, default=0,
                    help="draws the rejected completions and seeds the sampling (default: 0)")

@@ -310,10 +310,11 @@ def model_sampler(model, name: str, *, samples: int, max_new_tokens: int, temper
 # --- the reward, and best-of-N by reward -------------------------------------------------
 
 
-def open_reward(spec: str, *, policy=None, log=print, key: str = "--reward"):
+def open_reward(spec: str, *, policy=None, log=print, key: str = "--reward", **options):
     """``(reward, opened)`` for a reward spec (:func:`hcx.stages.rewards.parse_spec`), with
     the defaults of ``align.online`` (judge prompt ``single-v1``, ``answer`` and ``test``
-    fields). ``judge:self`` judges with ``policy`` (an open
+    fields) unless ``options`` (its keys, e.g. ``judge_prompts``) say otherwise.
+    ``judge:self`` judges with ``policy`` (an open
     :class:`hcx.evaluation.models.HcxModel`); ``judge:CHECKPOINT`` opens that hcx
     checkpoint here and judges with it the same way. ``opened``: models opened here, for
     the caller to close."""
@@ -321,7 +322,7 @@ def open_reward(spec: str, *, policy=None, log=print, key: str = "--reward"):
     from hcx.stages.rewards import load_reward, parse_spec
 
     parsed = parse_spec(spec, key)
-    cfg = OnlineConfig(reward=spec)
+    cfg = OnlineConfig(reward=spec, **{k: v for k, v in options.items() if v is not None})
     opened = []
     if parsed.kind != "judge" or parsed.arg.startswith(("http://", "https://")):
         return load_reward(spec, cfg, log=log, key=key), opened
