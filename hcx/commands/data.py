@@ -50,6 +50,8 @@ def cmd_data_feedback(args: argparse.Namespace, argv: list[str]) -> int:
     if not args.model and not args.completions:
         raise feedback.FeedbackError("no completions: give --model PATH_OR_URL (sampled) "
                                      "and/or --completions FILE")
+    if args.model:
+        feedback.check_sampling(args.samples, args.temperature)
     if not args.prompts and not args.completions:
         raise feedback.FeedbackError("no prompts: give --prompts FILE (or --completions FILE, "
                                      "whose prompts are then used)")

@@ -281,6 +281,15 @@ def write_feedback(prompts: Sequence[FeedbackPrompt], out: str | Path, reward: R
     return stats
 
 
+def check_sampling(samples: int, temperature: float) -> None:
+    """FeedbackError for sampling flags that cannot give distinct completions."""
+    if samples < 1:
+        raise FeedbackError(f"--samples must be at least 1, got {samples}")
+    if temperature <= 0 and samples > 1:
+        raise FeedbackError("--samples > 1 needs --temperature > 0 (greedy decoding gives "
+                            "one answer many times)")
+
+
 def model_sampler(model, name: str, *, samples: int, max_new_tokens: int, temperature: float,
                   top_p: float, seed: int) -> Sampler:
     """A :data:`Sampler` drawing ``samples`` completions of every prompt from ``model``
@@ -289,11 +298,7 @@ def model_sampler(model, name: str, *, samples: int, max_new_tokens: int, temper
     first prompt's and ``seed``)."""
     from hcx.evaluation.models import GenerationRequest
 
-    if samples < 1:
-        raise FeedbackError(f"--samples must be at least 1, got {samples}")
-    if temperature <= 0 and samples > 1:
-        raise FeedbackError("--samples > 1 needs --temperature > 0 (greedy decoding gives "
-                            "one answer many times)")
+    check_sampling(samples, temperature)
 
     def sample(batch: Sequence[FeedbackPrompt]) -> list[list[Candidate]]:
         batch_seed = pair_seed(seed, f"{name}/{batch[0].key}") % (2 ** 31)

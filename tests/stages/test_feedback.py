@@ -135,6 +135,10 @@ def test_flags_fail_before_any_model_opens(tmp_path):
         run_feedback("--prompts", completions, "--reward", REWARD, "--out",
                      str(tmp_path / "o.jsonl"))
 
+    with pytest.raises(F.FeedbackError, match="needs --temperature > 0"):
+        run_feedback("--prompts", completions, "--model", str(tmp_path / "none"),
+                     "--temperature", "0", "--reward", REWARD, "--out", str(tmp_path / "o.jsonl"))
+
     def generate(*argv):
         args = build_parser().parse_args(["generate", str(tmp_path / "none"), "--prompt", "x",
                                           *argv])
