@@ -1,4 +1,4 @@
-"""``hcx data prepare``, ``hcx data jsft``, ``hcx tokenize``, ``hcx tokenizer
+"""``hcx data prepare``, ``hcx data jsft``, ``hcx data feedback``, ``hcx tokenize``, ``hcx tokenizer
 stats|train``: corpora, training data made from other data, and tokenizers."""
 
 from __future__ import annotations
@@ -39,6 +39,60 @@ def cmd_data_jsft(args: argparse.Namespace, argv: list[str]) -> int:
     print(args.out)
     log(f"judge prompt: {prompt.name} ({prompt.file}); next: 'hcx sft' on a recipe whose "
         f"data.sources has path: {args.out} (beside your SFT data, or with --with-responses)")
+    return 0
+
+
+def cmd_data_feedback(args: argparse.Namespace, argv: list[str]) -> int:
+    from hcx.stages import feedback
+    from hcx.stages.rewards import parse_spec
+
+    parse_spec(args.reward, "--reward")  # a malformed spec fails before any model opens
+    if not args.model and not args.completions:
+        raise feedback.FeedbackError("no completions: give --model PATH_OR_URL (sampled) "
+                                     "and/or --completions FILE")
+    if args.model:
+        feedback.check_sampling(args.samples, args.temperature)
+    if not args.prompts and not args.completions:
+        raise feedback.FeedbackError("no prompts: give --prompts FILE (or --completions FILE, "
+                                     "whose prompts are then used)")
+    from_files, given = feedback.read_completions(
+        args.completions, args.prompt_field, args.completion_field)
+    prompts = feedback.read_prompts(args.prompts, args.prompt_field) if args.prompts \
+        else from_files
+    if not prompts:
+        raise feedback.FeedbackError(f"{', '.join(args.prompts or args.completions)}: no prompts")
+    models, opened = [], []
+    try:
+        from hcx.evaluation.models import open_model
+
+        for path in args.model:
+            model = open_model(path, log=log)
+            opened.append(model)
+            models.append((path, model))
+        hcx_models = [m for _, m in models if getattr(m, "kind", "") == "hcx"]
+        reward, more = feedback.open_reward(
+            args.reward, policy=hcx_models[0] if len(hcx_models) == 1 else None, log=log,
+            judge_prompts=args.judge_prompts, judge_prompt=args.judge_prompt,
+            judge_max_new_tokens=args.judge_max_new_tokens)
+        opened += more
+        samplers = [feedback.model_sampler(
+            model, path, samples=args.samples, max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+            for path, model in models]
+        stats = feedback.write_feedback(prompts, args.out, reward, given=given,
+                                        samplers=samplers, seed=args.seed,
+                                        batch_size=args.batch_size,
+                                        progress=sys.stderr.isatty())
+    finally:
+        for model in opened:
+            model.close()
+    print(f"feedback: {stats.summary()}")
+    if stats.per_source:
+        print("scored completions by source: " + ", ".join(
+            f"{k}: {v:,}" for k, v in sorted(stats.per_source.items())))
+    print(args.out)
+    log(f"dropped prompts: {feedback.dropped_path(Path(args.out))}; next: 'hcx align' with "
+        f"align.method: dpo on a recipe whose data.sources has path: {args.out}")
     return 0
 
 
@@ -152,6 +206,61 @@ def add_parsers(sub) -> None:
     p.add_argument("--skip-bad", action="store_true",
                    help="count malformed records instead of stopping at the first")
     p.set_defaults(func=cmd_data_jsft)
+
+    p = data.add_parser(
+        "feedback", help="prompts + scored completions -> preference pairs (Zephyr dDPO)",
+        description="AI-feedback preference data as Zephyr's distilled DPO makes it (Tunstall "
+                    "et al. 2023, arXiv:2310.16944): completions of every prompt, sampled "
+                    "from one or more models (--model, --samples K each) and/or read from "
+                    "files (--completions), are scored by one reward (--reward; a judge is "
+                    "judge:MODEL); the best-scoring completion is chosen and a seeded random "
+                    "other one rejected. Prompts whose best score is shared (ties) or with "
+                    "fewer than 2 scored completions are dropped, counted and listed in "
+                    "OUT's .dropped.jsonl. Writes TRL preference JSONL (prompt, chosen, "
+                    "rejected, score_chosen, score_rejected, model_chosen, model_rejected) "
+                    "that 'hcx align' (DPO, IPO, ORPO, KTO, ...) reads as is. Resumable: "
+                    "lines go to OUT.partial as prompts finish; a rerun skips prompts done "
+                    "and OUT appears (renamed) when all are. See docs/alignment.md, "
+                    "AI-feedback preference data.")
+    p.add_argument("--prompts", action="append", default=[], metavar="SOURCE",
+                   help="prompts: JSONL, Parquet, a directory, a glob, data:// or hf:// "
+                        "(repeatable; default: the prompts of --completions)")
+    p.add_argument("--prompt-field", default="prompt", metavar="NAME",
+                   help="the prompt's field: text, or chat messages (a trailing assistant turn "
+                        "is dropped and becomes the record's answer); default: prompt")
+    p.add_argument("--model", action="append", default=[], metavar="PATH_OR_URL",
+                   help="sample completions from this model: an hcx checkpoint, a Hugging "
+                        "Face directory or an OpenAI-compatible endpoint URL (repeatable)")
+    p.add_argument("--samples", type=int, default=2, metavar="K",
+                   help="completions sampled per prompt from each --model (default: 2)")
+    p.add_argument("--temperature", type=float, default=1.0, help="default: 1.0")
+    p.add_argument("--top-p", type=float, default=1.0, help="default: 1.0")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="default: 256")
+    p.add_argument("--completions", action="append", default=[], metavar="FILE",
+                   help="completions written earlier: records with the prompt field and "
+                        "--completion-field (text, or messages ending with the assistant's), "
+                        "optionally 'model' naming their source (repeatable)")
+    p.add_argument("--completion-field", default="completion", metavar="NAME",
+                   help="default: completion")
+    p.add_argument("--reward", required=True, metavar="SPEC",
+                   help="module:function (e.g. hcx.scorers:korean_share), "
+                        "reward-model:PATH, math (the record's 'answer'), code (its 'test'), "
+                        "or judge:self|CHECKPOINT|HF_DIR|URL (MT-Bench single-v1 rating 1-10; "
+                        "self: the one hcx --model)")
+    p.add_argument("--judge-prompts", metavar="FILE",
+                   help="judge: FastChat judge_prompts.jsonl or YAML (default: "
+                        "data://eval/mt_bench_en/judge_prompts.jsonl; Korean: "
+                        "data://eval/ko_mt_bench/judge_prompts_ko.jsonl)")
+    p.add_argument("--judge-prompt", metavar="NAME",
+                   help="judge: the single-answer prompt in it (default: single-v1)")
+    p.add_argument("--judge-max-new-tokens", type=int, metavar="N",
+                   help="judge: tokens per rating reply, greedy (default: 256)")
+    p.add_argument("--out", required=True, metavar="OUT.jsonl", help="the preference pairs")
+    p.add_argument("--seed", type=int, default=0,
+                   help="draws the rejected completions and seeds the sampling (default: 0)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="prompts sampled and scored together (default: 8)")
+    p.set_defaults(func=cmd_data_feedback)
 
     p = sub.add_parser("tokenize", help="encode or decode text line by line",
                        description="Encode each input line to token ids (space-separated), or "

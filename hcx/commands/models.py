@@ -51,12 +51,18 @@ def cmd_generate(args: argparse.Namespace, argv: list[str]) -> int:
         raise generate.GenerationError("--best-of samples N responses: --temperature must be "
                                        "> 0 (it defaults to 1.0 with --best-of)")
     judge_prompt = None
-    if best_of:  # a missing or unusable prompt file fails before any process starts
+    if best_of and args.reward:  # a malformed spec fails before any process starts
+        from hcx.stages.rewards import parse_spec
+
+        parse_spec(args.reward, "--reward")
+    elif best_of:  # a missing or unusable prompt file fails before any process starts
         from hcx.stages.self_judge import load_pair_prompt
 
         judge_prompt = load_pair_prompt(args.judge_prompts, args.judge_prompt)
     if needs_relaunch(args.tp):
         return relaunch_with_torchrun(args.tp, argv)
+    if best_of and args.reward:
+        return generate_best_of_reward(args, prompts, params)
     if best_of:
         return generate_best_of(args, prompts, params, judge_prompt)
     import json
@@ -82,7 +88,8 @@ def cmd_generate(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def check_best_of_flags(args: argparse.Namespace) -> None:
-    """The judge flags belong to --best-of N > 1."""
+    """The judge flags, or --reward, belong to --best-of N > 1; a reward and a judge
+    exclude each other."""
     from hcx.engine.generate import GenerationError
 
     if args.best_of < 1:
@@ -91,6 +98,13 @@ def check_best_of_flags(args: argparse.Namespace) -> None:
                                     ("judge_prompt", "--judge-prompt"),
                                     ("judge_max_new_tokens", "--judge-max-new-tokens"))
              if getattr(args, key) is not None]
+    if args.reward is not None and given:
+        raise GenerationError(f"--reward and {', '.join(given)} exclude each other: --best-of "
+                              "N keeps the candidate a reward scores highest (--reward SPEC; "
+                              "a judge's rating is --reward judge:MODEL) or the winner of a "
+                              "pairwise judge's tournament (--judge), not both")
+    if args.reward is not None and args.best_of == 1:
+        raise GenerationError("--reward scores the candidates of --best-of N (N > 1)")
     if given and args.best_of == 1:
         raise GenerationError(f"{', '.join(given)} judge{'s' if len(given) == 1 else ''} the "
                               "candidates of --best-of N (N > 1)")
@@ -162,6 +176,56 @@ def generate_best_of(args: argparse.Namespace, prompts: list, params, judge_prom
     finally:
         if judge_model is not None and judge_model is not policy:
             judge_model.close()
+        policy.close()
+    return 0
+
+
+def generate_best_of_reward(args: argparse.Namespace, prompts: list, params) -> int:
+    """``hcx generate --best-of N --reward SPEC``: sample N candidates per prompt and keep
+    the one the reward scores highest (ties: the lowest candidate number)."""
+    import json
+
+    from hcx.engine.generate import Generator
+    from hcx.evaluation.models import HcxModel
+    from hcx.stages import feedback, self_judge
+    from hcx.stages.rewards import Sample
+
+    policy = HcxModel(args.checkpoint, tp=args.tp, log=log)
+    opened: list = []
+    try:
+        reward, opened = feedback.open_reward(args.reward, policy=policy, log=log)
+        ids, params = encode_prompts(args, prompts, policy.tokenizer, params)
+        sampled = self_judge.sample_candidates(Generator(policy.engine, policy.tokenizer), ids,
+                                               params, args.best_of, args.batch_size)
+        scores = reward([Sample(p, g.text) for p, cands in zip(prompts, sampled)
+                         for g in cands])
+        for k, (prompt, cands) in enumerate(zip(prompts, sampled)):
+            mine = scores[k * args.best_of:(k + 1) * args.best_of]
+            best = feedback.best_index(mine)
+            if not policy.rank0:
+                continue
+            if best is None:
+                log(f"best of {args.best_of}: the reward scored no candidate; keeping "
+                    "candidate 0")
+                best = 0
+            else:
+                log(f"best of {args.best_of}: candidate {best} scored highest "
+                    f"({mine[best]:.4g}; unscored {sum(s is None for s in mine)})")
+            win = cands[best]
+            if args.json:
+                print(json.dumps({
+                    "prompt": prompt, "text": win.text, "ids": win.ids,
+                    "finish_reason": win.finish_reason,
+                    "best_of": {"n": args.best_of, "reward": args.reward, "winner_index": best,
+                                "candidates": [{"text": g.text, "ids": g.ids,
+                                                "finish_reason": g.finish_reason, "score": s}
+                                               for g, s in zip(cands, mine)]}},
+                    ensure_ascii=False))
+            else:
+                print(win.text if len(prompts) == 1 else f"### {prompt}\n{win.text}\n")
+    finally:
+        for model in opened:
+            model.close()
         policy.close()
     return 0
 
@@ -238,7 +302,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per prompt: prompt, text, ids, finish_reason "
                         "(with --best-of also best_of: every candidate, every match with the "
-                        "judge's replies, and the counts)")
+                        "judge's replies, and the counts; with --reward every candidate's "
+                        "score and the winner's index)")
     g = p.add_argument_group(
         "self-rejection", "SELF-JUDGE (Lee et al. 2024, arXiv:2402.11253; docs/alignment.md): "
                           "sample N responses per prompt and keep the one a pairwise judge "
@@ -261,5 +326,10 @@ def add_parsers(sub) -> None:
     g.add_argument("--judge-max-new-tokens", type=int, metavar="N",
                    help=f"tokens per judge reply, greedy (default {JUDGE_MAX_NEW_TOKENS}, at "
                         "most half the judge's context window)")
+    g.add_argument("--reward", metavar="SPEC",
+                   help="instead of a judge's tournament, keep the candidate this reward "
+                        "scores highest (ties: the lowest candidate number): module:function "
+                        "(e.g. hcx.scorers:korean_share), reward-model:PATH, math, code, or "
+                        "judge:self|CHECKPOINT|HF_DIR|URL (a 1-10 rating); not with --judge")
     p.set_defaults(func=cmd_generate)
 
