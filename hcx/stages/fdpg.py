@@ -35,8 +35,7 @@ from typing import Callable
 
 import torch
 
-from hcx.data.sources import (BadRecord, SourceError, parse_object, raw_source_errors,
-                              read_sources, source_records)
+from hcx.data.sources import raw_source_errors
 from hcx.engine.batches import EpochOrder
 from hcx.engine.loop import log_rank0
 from hcx.engine.parallel import device, dp_gather, dp_mean
@@ -45,61 +44,20 @@ from hcx.engine.stage import Stage
 from hcx.stages import fdpg_loss
 from hcx.stages.loss_helpers import loop_output
 from hcx.stages import preference
+from hcx.stages.prompts import Prompt, read_prompts, room_errors
 from hcx.stages.align import AlignError, reference_checkpoint, reference_errors
 
 
-def load_prompts(recipe, tokenizer, log) -> list[tuple[list[int], str]]:
-    """(prompt ids with the open assistant turn, prompt text) of every source, cut to
-    leave room for ``max_new_tokens`` (oldest tokens first). Every prompt once per epoch,
-    whatever the source's weight."""
-    from hcx.engine.generate import encode_prompt
-
+def load_prompts(recipe, tokenizer, log) -> list[Prompt]:
+    """Every source's prompts, each once per epoch whatever the source's weight
+    (:mod:`hcx.stages.prompts`)."""
     cfg = recipe.align.fdpg
-    problems = prompt_room_errors(recipe)
-    if problems:
-        raise AlignError(problems[0][1])
-    room = recipe.data.seq_length + 1 - cfg.max_new_tokens
-    keep = min(room, recipe.align.max_prompt_length or room)
-
-    def read(source) -> list[tuple[list[int], str]]:
-        out = []
-        for record in source_records(source):
-            try:
-                obj = parse_object(record)
-                prompt = obj.get(cfg.prompts_field)
-                if not (isinstance(prompt, str) and prompt) and not (
-                        isinstance(prompt, list) and prompt):
-                    raise BadRecord(record.where, "missing_field", f"field "
-                                    f"{cfg.prompts_field!r} must be a string or a list of "
-                                    "messages")
-                ids = encode_prompt(prompt, tokenizer, cfg.chat)
-            except BadRecord as e:
-                if not recipe.align.skip_bad:
-                    raise AlignError(f"{e} (use align.skip_bad to skip bad records)") from None
-                continue
-            except Exception as e:  # a chat error names the message at fault
-                raise AlignError(f"{record.where}: {e}") from None
-            text = prompt if isinstance(prompt, str) else "\n".join(
-                str(m.get("content", "")) for m in prompt)
-            out.append((ids[-keep:], text))
-        return out
-
-    try:
-        out = read_sources(recipe.data.sources, read, recipe.train.seed, "prompts",
-                           lambda m: log(f"fdpg: {m}"), weighted=False)
-    except SourceError as e:
-        raise AlignError(str(e)) from None
-    if not out:
-        raise AlignError("no prompts in data.sources")
-    return out
+    return read_prompts(recipe, tokenizer, log, section="align.fdpg", field=cfg.prompts_field,
+                        chat=cfg.chat, max_new_tokens=cfg.max_new_tokens, weighted=False)
 
 
 def prompt_room_errors(recipe) -> list[tuple[str, str]]:
-    cfg = recipe.align.fdpg
-    if recipe.data.seq_length + 1 - cfg.max_new_tokens < 8:
-        return [("align.fdpg.max_new_tokens", f"align.fdpg.max_new_tokens={cfg.max_new_tokens} "
-                 f"leaves no room for a prompt in data.seq_length={recipe.data.seq_length}")]
-    return []
+    return room_errors("align.fdpg", recipe.data.seq_length, recipe.align.fdpg.max_new_tokens)
 
 
 def load_scorer(spec: str, recipe, topo, log) -> Callable:
@@ -175,7 +133,7 @@ class FDPGTask:
         local = g // e.topo.dp
         first = (e.first_sample(step) + e.topo.dp_rank * local) // s
         picked = [self._prompt(i) for i in range(first, first + local // s)]
-        prompt_ids = [self.prompts[i][0] for i in picked for _ in range(s)]
+        prompt_ids = [self.prompts[i].ids for i in picked for _ in range(s)]
         params = SamplingParams(max_new_tokens=self.cfg.max_new_tokens, temperature=1.0,
                                 stop_ids=self.stop_ids,
                                 seed=r.train.seed * 1_000_003 + step * e.topo.dp + e.topo.dp_rank)
@@ -183,7 +141,7 @@ class FDPGTask:
         rows = [(p, gen.ids) for p, gen in zip(prompt_ids, samples)]
         texts = [self.tokenizer.decode([t for t in gen.ids if t not in self.stop_ids])
                  for gen in samples]
-        prompt_texts = [self.prompts[i][1] for i in picked for _ in range(s)]
+        prompt_texts = [self.prompts[i].text for i in picked for _ in range(s)]
         scores = self._scores(prompt_texts, texts, rows)
         batches = [preference.rows_to_batch(rows[k:k + mb], r.data.seq_length, self.tokenizer.pad)
                    for k in range(0, len(rows), mb)]

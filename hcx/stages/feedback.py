@@ -39,6 +39,7 @@ from pathlib import Path
 from hcx.data.sources import BadRecord, iter_records, parse_object
 from hcx.errors import HcxError
 from hcx.stages.candidate_selection import binarize_scores
+from hcx.stages.prompts import split_answer
 from hcx.stages.rewards import Reward, Sample
 
 
@@ -90,15 +91,14 @@ def prompt_key(prompt: str | list[dict]) -> str:
     return json.dumps(prompt, ensure_ascii=False, sort_keys=True)
 
 
-def _prompt_of(obj: dict, where: str, field_name: str) -> str | list[dict]:
-    prompt = obj.get(field_name)
+def _prompt_of(obj: dict, where: str, field_name: str) -> tuple[str | list[dict], dict]:
+    """The record's prompt and the record, the answer of chat SFT data split off into
+    ``answer`` (:func:`hcx.stages.prompts.split_answer`)."""
+    prompt, obj = split_answer(obj.get(field_name), obj)
     if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
-        if prompt[-1].get("role") == "assistant":  # chat SFT data: the answer is not asked
-            prompt = prompt[:-1]
-        if prompt:
-            return prompt
+        return prompt, obj
     if isinstance(prompt, str) and prompt.strip():
-        return prompt
+        return prompt, obj
     raise BadRecord(where, "missing_field", f"field {field_name!r} (--prompt-field) must be "
                     "a non-empty string or a list of chat messages")
 
@@ -110,11 +110,7 @@ def read_prompts(sources: Iterable[str], prompt_field: str = "prompt") -> list[F
     out: dict[str, FeedbackPrompt] = {}
     for source in sources:
         for record in iter_records(source):
-            obj = parse_object(record)
-            raw = obj.get(prompt_field)
-            prompt = _prompt_of(obj, record.where, prompt_field)
-            if isinstance(raw, list) and len(raw) > len(prompt):
-                obj = {**obj, "answer": obj.get("answer", raw[-1].get("content", ""))}
+            prompt, obj = _prompt_of(parse_object(record), record.where, prompt_field)
             key = prompt_key(prompt)
             out.setdefault(key, FeedbackPrompt(prompt, obj, key))
     return list(out.values())
@@ -140,8 +136,7 @@ def read_completions(files: Iterable[str], prompt_field: str = "prompt",
     candidates: dict[str, list[Candidate]] = {}
     for file in files:
         for record in iter_records(file):
-            obj = parse_object(record)
-            prompt = _prompt_of(obj, record.where, prompt_field)
+            prompt, obj = _prompt_of(parse_object(record), record.where, prompt_field)
             if completion_field not in obj:
                 raise BadRecord(record.where, "missing_field",
                                 f"no {completion_field!r} field (--completion-field)")

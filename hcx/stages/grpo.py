@@ -37,13 +37,11 @@ TP and DP work. In memory: the policy (it also samples), and the reference when
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 
 import torch
 
-from hcx.data.sources import (BadRecord, SourceError, parse_object, raw_source_errors,
-                              read_sources, source_records)
+from hcx.data.sources import raw_source_errors
 from hcx.engine.batches import EpochOrder
 from hcx.engine.loop import log_rank0
 from hcx.engine.parallel import device, dp_gather
@@ -51,8 +49,9 @@ from hcx.engine.scoring import frozen_model, token_logps_output, token_scores
 from hcx.engine.stage import Stage
 from hcx.stages import online_losses as ol
 from hcx.stages import preference
-from hcx.stages.align import AlignError, reference_checkpoint, reference_errors
+from hcx.stages.align import reference_checkpoint, reference_errors
 from hcx.stages.loss_helpers import loop_output, put_mean
+from hcx.stages.prompts import Prompt, read_prompts, room_errors
 from hcx.stages.rewards import RewardError, Sample, load_reward, parse_spec, rewards_on_tp
 from hcx.stages.rollouts import (PolicyRollouts, Rollout, completion_index, completion_mask,
                                  to_completion_tokens)
@@ -65,73 +64,17 @@ STATS = ("reward", "reward/std", "reward/unparsed", "reward/group_std",
 # --- prompts -----------------------------------------------------------------------------
 
 
-@dataclass
-class Prompt:
-    ids: list[int]  # with the open assistant turn, cut to leave room for the completion
-    prompt: str | list[dict]  # as the data gives it
-    record: dict  # the data record (the math answer, the code tests, ...)
-
-
 def prompt_room_errors(recipe) -> list[tuple[str, str]]:
-    cfg = recipe.align.online
-    if recipe.data.seq_length + 1 - cfg.max_new_tokens < 8:
-        return [("align.online.max_new_tokens", f"align.online.max_new_tokens="
-                 f"{cfg.max_new_tokens} leaves no room for a prompt in data.seq_length="
-                 f"{recipe.data.seq_length}")]
-    return []
-
-
-def split_answer(prompt, record: dict, answer_field: str):
-    """A chat prompt ending with an assistant turn (chat SFT data) loses that turn, which
-    becomes the record's ``answer_field`` unless the record has one."""
-    if isinstance(prompt, list) and prompt and isinstance(prompt[-1], dict) and \
-            prompt[-1].get("role") == "assistant":
-        record = dict(record)
-        record.setdefault(answer_field, prompt[-1].get("content", ""))
-        prompt = prompt[:-1]
-    return prompt, record
+    return room_errors("align.online", recipe.data.seq_length, recipe.align.online.max_new_tokens)
 
 
 def load_prompts(recipe, tokenizer, log) -> list[Prompt]:
-    """Every source's prompts (weighted as SFT weights sources), encoded with the open
-    assistant turn and cut to leave room for ``max_new_tokens`` (oldest tokens first)."""
-    from hcx.engine.generate import encode_prompt
-
+    """Every source's prompts (weighted as SFT weights sources), the answer of chat SFT
+    data in the record's ``align.online.answer_field`` (:mod:`hcx.stages.prompts`)."""
     cfg = recipe.align.online
-    problems = prompt_room_errors(recipe)
-    if problems:
-        raise AlignError(problems[0][1])
-    room = recipe.data.seq_length + 1 - cfg.max_new_tokens
-    keep = min(room, recipe.align.max_prompt_length or room)
-
-    def read(source) -> list[Prompt]:
-        out = []
-        for record in source_records(source):
-            try:
-                obj = parse_object(record)
-                prompt, obj = split_answer(obj.get(cfg.prompts_field), obj, cfg.answer_field)
-                if not (isinstance(prompt, (str, list)) and prompt):
-                    raise BadRecord(record.where, "missing_field", f"field "
-                                    f"{cfg.prompts_field!r} (align.online.prompts_field) must "
-                                    "be a string or a list of messages")
-                ids = encode_prompt(prompt, tokenizer, cfg.chat)
-            except BadRecord as e:
-                if not recipe.align.skip_bad:
-                    raise AlignError(f"{e} (use align.skip_bad to skip bad records)") from None
-                continue
-            except Exception as e:  # a chat error names the message at fault
-                raise AlignError(f"{record.where}: {e}") from None
-            out.append(Prompt(ids[-keep:], prompt, obj))
-        return out
-
-    try:
-        out = read_sources(recipe.data.sources, read, recipe.train.seed, "prompts",
-                           lambda m: log(f"{recipe.align.method}: {m}"))
-    except SourceError as e:
-        raise AlignError(str(e)) from None
-    if not out:
-        raise AlignError("no prompts in data.sources")
-    return out
+    return read_prompts(recipe, tokenizer, log, section="align.online", field=cfg.prompts_field,
+                        chat=cfg.chat, max_new_tokens=cfg.max_new_tokens,
+                        answer_field=cfg.answer_field)
 
 
 # --- the task ----------------------------------------------------------------------------

@@ -74,7 +74,7 @@ def test_math_reward_on_hand_made_samples():
 
 
 def test_math_answer_from_chat_data():
-    from hcx.stages.grpo import split_answer
+    from hcx.stages.prompts import split_answer
 
     messages = [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "#### 4"}]
     prompt, record = split_answer(messages, {"messages": messages}, "answer")
