@@ -10,6 +10,7 @@ process is started. Every error names the key and where it was set
 from __future__ import annotations
 
 import copy
+import math
 import difflib
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -319,11 +320,34 @@ class OnlineConfig(Strict):
                                        "of the generation engine")
 
 
+class JBondConfig(Strict):
+    """J-BOND (``align.method: jbond``, Sessa et al. 2024): distil the Best-of-N
+    distribution of a moving EMA anchor into the policy by the Jeffreys divergence.
+    Sampling and the reward come from ``align.online`` (reward, max_new_tokens, temperature,
+    top_p, prompts); docs/alignment.md, "J-BOND"."""
+
+    anchor_samples: int = Field(default=2, ge=1, description="N: completions the anchor "
+                                "samples per prompt (the policy samples one)")
+    eta: float = Field(default=0.02, gt=0, le=1, description="the anchor's EMA rate: after "
+                       "each step anchor <- (1 - eta) anchor + eta policy")
+    beta: float = Field(default=0.5, ge=0, le=1, description="Jeffreys weight of the forward "
+                        "KL (NLL of the anchor's best sample); 0 = backward KL only")
+    kl_coef: float = Field(default=1.0, gt=0, description="weight of KL(policy || anchor) in "
+                           "the backward term (1 = 1/(N-1) for N = 2, the BOND derivation)")
+    penalty: float = Field(default=math.log(16.0), ge=0, description="the J-BOND reward of "
+                           "a policy sample worse than every anchor sample (others get 0)")
+    gamma: float = Field(default=0.0, ge=0, description="extra KL(policy || reference) "
+                         "weight in the backward term (needs reference_kl)")
+    reference_kl: bool = Field(default=True, description="score the policy's samples under "
+                               "the frozen initial model too (the kl_ref metric, gamma); "
+                               "false keeps that third model out of memory")
+
+
 class AlignConfig(Strict):
     """Preference alignment (``hcx align``): the method and its options."""
 
     method: Literal["dpo", "ipo", "kto", "bco", "orpo", "reward", "fdpg", "grpo",
-                    "rloo"] = "dpo"
+                    "rloo", "jbond"] = "dpo"
     beta: float = Field(default=0.1, gt=0, description="DPO/IPO/KTO/BCO: the KL "
                         "coefficient; ORPO: the odds-ratio weight (lambda); f-DPG reward "
                         "target: the temperature")
@@ -350,6 +374,7 @@ class AlignConfig(Strict):
                                          "coefficient pulling rewards towards zero mean")
     fdpg: FDPGConfig | None = None
     online: OnlineConfig | None = None
+    jbond: JBondConfig | None = None
 
 
 STAGE_SECTIONS = ("sft", "align")  # sections read by one stage only

@@ -9,6 +9,7 @@ command                 stage                       module
 ``hcx align`` (reward)  Bradley-Terry reward model  :mod:`hcx.stages.reward`
 ``hcx align`` (fdpg)    f-DPG, on-policy            :mod:`hcx.stages.fdpg`
 ``hcx align`` (grpo, rloo)  GRPO / RLOO, on-policy  :mod:`hcx.stages.grpo`
+``hcx align`` (jbond)   J-BOND, on-policy           :mod:`hcx.stages.jbond`
 ======================  ==========================  =================================
 
 :func:`stage_for` picks the stage of a command and recipe; ``hcx align`` picks by
@@ -28,7 +29,8 @@ ALIGN_METHODS = {"dpo": "hcx.stages.align:AlignStage", "ipo": "hcx.stages.align:
                  "kto": "hcx.stages.align:AlignStage", "bco": "hcx.stages.align:AlignStage",
                  "orpo": "hcx.stages.align:AlignStage",
                  "reward": "hcx.stages.reward:RewardStage", "fdpg": "hcx.stages.fdpg:FDPGStage",
-                 "grpo": "hcx.stages.grpo:GRPOStage", "rloo": "hcx.stages.grpo:RLOOStage"}
+                 "grpo": "hcx.stages.grpo:GRPOStage", "rloo": "hcx.stages.grpo:RLOOStage",
+                 "jbond": "hcx.stages.jbond:JBondStage"}
 STAGES = {"pretrain": "hcx.stages.pretrain:PretrainStage", "sft": "hcx.stages.sft:SFTStage"}
 
 

@@ -23,7 +23,7 @@ def test_every_align_method_has_a_stage():
              for m in methods}
     assert names == {"dpo": "align", "ipo": "align", "kto": "align", "bco": "align",
                      "orpo": "align", "reward": "reward", "fdpg": "fdpg",
-                     "grpo": "grpo", "rloo": "rloo"}
+                     "grpo": "grpo", "rloo": "rloo", "jbond": "jbond"}
     assert stage_for("pretrain", load_recipe(RECIPES / "tiny.yaml")).name == "pretrain"
     with pytest.raises(ValueError, match="no training stage 'eval'"):
         stage_for("eval", load_recipe(RECIPES / "tiny.yaml"))
@@ -33,7 +33,7 @@ def test_every_align_method_has_a_stage():
     ("pretrain", "tiny.yaml"), ("sft", "tiny-sft.yaml"), ("align", "tiny-dpo.yaml"),
     ("align", "tiny-ipo.yaml"), ("align", "tiny-kto.yaml"), ("align", "tiny-bco.yaml"),
     ("align", "tiny-orpo.yaml"), ("align", "tiny-reward.yaml"), ("align", "tiny-fdpg.yaml"),
-    ("align", "tiny-grpo.yaml"), ("align", "tiny-rloo.yaml")])
+    ("align", "tiny-grpo.yaml"), ("align", "tiny-rloo.yaml"), ("align", "tiny-jbond.yaml")])
 def test_shipped_recipes_pass_their_stage(command, path):
     recipe = load_recipe(RECIPES / path)
     resolved = stage_for(command, recipe).resolve(recipe)
