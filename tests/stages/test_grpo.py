@@ -277,3 +277,19 @@ def test_samples_without_a_verdict_get_advantage_zero():
     assert a[3:] == [0.0, 0.0, 0.0]
     assert rollout.stats["reward"] == 0.5 and rollout.stats["reward/unparsed"] == pytest.approx(4 / 6)
     assert rollout.stats["mean_tokens"] == 2.0
+
+
+@pytest.mark.slow
+def test_rloo_trains_with_its_leave_one_out_baseline(grpo_run, tmp_path):
+    """align.method: rloo on the same task (2 steps, one pass per rollout): the same first
+    rollout as GRPO's (seeded sampling from the same policy), a per-sequence loss, KL 0 at
+    step 1 and every metric finite."""
+    out = tmp_path / "rloo"
+    hcx("align", str(grpo_run["recipe"]), "align.method=rloo", "align.online.passes=1",
+        "align.online.epsilon_high=null", f"output_dir={out}", "train.steps=2",
+        "train.global_batch_size=16", "train.lr=1e-3", "train.min_lr=1e-3")
+    got = records(out)
+    assert [r["step"] for r in got] == [1, 2]
+    assert got[0]["reward"] == grpo_run["records"][0]["reward"]  # the same first rollout
+    assert got[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert all(math.isfinite(v) for r in got for v in r.values() if isinstance(v, float))
