@@ -13,6 +13,18 @@ OVERRIDES_HELP = ("recipe overrides as dotted KEY=VALUE, e.g. train.lr=3e-4 para
                   "(values are parsed as YAML)")
 
 
+def add_judge_prompt_args(parser, kind: str, default: str, prefix: str = "") -> None:
+    """``--judge-prompts FILE`` and ``--judge-prompt NAME``: the judge's prompts (FastChat's
+    format) and which ``kind`` of prompt in them (``default``), for every command that
+    judges. ``prefix`` starts each help text (``"judge: "`` where other flags are not)."""
+    parser.add_argument("--judge-prompts", metavar="FILE",
+                        help=f"{prefix}FastChat judge_prompts.jsonl or YAML (default: "
+                             "data://eval/mt_bench_en/judge_prompts.jsonl; Korean: "
+                             "data://eval/ko_mt_bench/judge_prompts_ko.jsonl)")
+    parser.add_argument("--judge-prompt", metavar="NAME",
+                        help=f"{prefix}the {kind} prompt in it (default: {default})")
+
+
 def log(msg: str) -> None:
     """Progress and notes go to stderr; stdout holds the command's result."""
     print(msg, file=sys.stderr, flush=True)

@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from hcx.commands.common import OVERRIDES_HELP, log
+from hcx.commands.common import OVERRIDES_HELP, add_judge_prompt_args, log
 from hcx.config import load_recipe
 
 
@@ -187,12 +187,7 @@ def add_parsers(sub) -> None:
                    help="paired preference data: JSONL, Parquet, a directory, a glob, data:// "
                         "or hf://")
     p.add_argument("--out", required=True, metavar="OUT.jsonl", help="the JSFT conversations")
-    p.add_argument("--judge-prompts", metavar="FILE",
-                   help="FastChat judge_prompts.jsonl or YAML (default: "
-                        "data://eval/mt_bench_en/judge_prompts.jsonl; Korean: "
-                        "data://eval/ko_mt_bench/judge_prompts_ko.jsonl)")
-    p.add_argument("--judge-prompt", metavar="NAME",
-                   help="the pairwise prompt in it (default: pair-v2)")
+    add_judge_prompt_args(p, "pairwise", "pair-v2")
     p.add_argument("--both-orders", action=argparse.BooleanOptionalAction, default=True,
                    help="write every pair in both orders (default); --no-both-orders writes "
                         "one order per pair, drawn with --seed")
@@ -247,12 +242,7 @@ def add_parsers(sub) -> None:
                         "reward-model:PATH, math (the record's 'answer'), code (its 'test'), "
                         "or judge:self|CHECKPOINT|HF_DIR|URL (MT-Bench single-v1 rating 1-10; "
                         "self: the one hcx --model)")
-    p.add_argument("--judge-prompts", metavar="FILE",
-                   help="judge: FastChat judge_prompts.jsonl or YAML (default: "
-                        "data://eval/mt_bench_en/judge_prompts.jsonl; Korean: "
-                        "data://eval/ko_mt_bench/judge_prompts_ko.jsonl)")
-    p.add_argument("--judge-prompt", metavar="NAME",
-                   help="judge: the single-answer prompt in it (default: single-v1)")
+    add_judge_prompt_args(p, "single-answer", "single-v1", prefix="judge: ")
     p.add_argument("--judge-max-new-tokens", type=int, metavar="N",
                    help="judge: tokens per rating reply, greedy (default: 256)")
     p.add_argument("--out", required=True, metavar="OUT.jsonl", help="the preference pairs")

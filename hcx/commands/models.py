@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from hcx.commands.common import log, needs_relaunch, relaunch_with_torchrun
+from hcx.commands.common import add_judge_prompt_args, log, needs_relaunch, relaunch_with_torchrun
 
 
 def cmd_export(args: argparse.Namespace, argv: list[str]) -> int:
@@ -317,12 +317,7 @@ def add_parsers(sub) -> None:
                    help="self (default: the checkpoint judges its own samples, as a JSFT model "
                         "does), another hcx checkpoint (opened beside it at --tp), a Hugging "
                         "Face directory, or an endpoint URL")
-    g.add_argument("--judge-prompts", metavar="FILE",
-                   help="FastChat judge_prompts.jsonl or YAML (default: "
-                        "data://eval/mt_bench_en/judge_prompts.jsonl; Korean: "
-                        "data://eval/ko_mt_bench/judge_prompts_ko.jsonl)")
-    g.add_argument("--judge-prompt", metavar="NAME",
-                   help="the pairwise prompt in it (default: pair-v2)")
+    add_judge_prompt_args(g, "pairwise", "pair-v2")
     g.add_argument("--judge-max-new-tokens", type=int, metavar="N",
                    help=f"tokens per judge reply, greedy (default {JUDGE_MAX_NEW_TOKENS}, at "
                         "most half the judge's context window)")
