@@ -264,10 +264,13 @@ class OnlineConfig(Strict):
     ``samples_per_prompt`` completions of each prompt from the current policy, reward them,
     and step on the clipped policy-gradient loss (docs/alignment.md, "GRPO and RLOO")."""
 
-    reward: str = Field(description="what rewards a completion: 'math', 'code', "
-                        "'judge:MODEL' (self, a checkpoint, an HF dir or an http(s) endpoint), "
-                        "'reward-model:PATH' or 'module:function' (a Python callable taking "
-                        "(prompts, completions) lists of strings and returning floats)")
+    reward: str | None = Field(default=None, description="what rewards a completion "
+                               "(grpo, rloo, jbond: required; self_judge: reported, or the "
+                               "judge with align.self_judge.judge=reward): 'math', 'code', "
+                               "'judge:MODEL' (self, a checkpoint, an HF dir or an http(s) "
+                               "endpoint), 'reward-model:PATH' or 'module:function' (a Python "
+                               "callable taking (prompts, completions) lists of strings and "
+                               "returning floats)")
     samples_per_prompt: int = Field(default=4, ge=2, description="K, the group size: "
                                     "completions sampled per prompt")
     max_new_tokens: int = Field(default=64, gt=0)
@@ -343,11 +346,31 @@ class JBondConfig(Strict):
                                "false keeps that third model out of memory")
 
 
+class SelfJudgeConfig(Strict):
+    """On-policy self-judged DPO (``align.method: self_judge``, SELF-JUDGE, Lee et al. 2024):
+    the policy samples two completions of each prompt, a pairwise judge (by default the
+    policy itself, with its current weights) prefers one in both orders, and DPO
+    (``align.beta``, ``align.label_smoothing``) trains on the judged pair against the
+    reference model. Sampling comes from ``align.online`` (max_new_tokens, temperature,
+    top_p, prompts); docs/alignment.md, "SELF-JUDGE"."""
+
+    judge: str = Field(default="self", description="who prefers one completion of a pair: "
+                       "'self' (the policy being trained, JSFT-trained to judge), an hcx "
+                       "checkpoint, a Hugging Face directory, an http(s) endpoint, or "
+                       "'reward' (align.online.reward's scores: the higher wins)")
+    judge_prompts: str = Field(default="data://eval/mt_bench_en/judge_prompts.jsonl",
+                               description="FastChat-format judge prompts (as hcx data jsft "
+                               "wrote the judgments the model learnt)")
+    judge_prompt: str = Field(default="pair-v2", description="the pairwise prompt's name")
+    judge_max_new_tokens: int = Field(default=32, gt=0, description="tokens of a judge's "
+                                      "reply (a JSFT judge answers [[A]] or [[B]])")
+
+
 class AlignConfig(Strict):
     """Preference alignment (``hcx align``): the method and its options."""
 
     method: Literal["dpo", "ipo", "kto", "bco", "orpo", "reward", "fdpg", "grpo",
-                    "rloo", "jbond"] = "dpo"
+                    "rloo", "jbond", "self_judge"] = "dpo"
     beta: float = Field(default=0.1, gt=0, description="DPO/IPO/KTO/BCO: the KL "
                         "coefficient; ORPO: the odds-ratio weight (lambda); f-DPG reward "
                         "target: the temperature")
@@ -375,6 +398,7 @@ class AlignConfig(Strict):
     fdpg: FDPGConfig | None = None
     online: OnlineConfig | None = None
     jbond: JBondConfig | None = None
+    self_judge: SelfJudgeConfig | None = None
 
 
 STAGE_SECTIONS = ("sft", "align")  # sections read by one stage only
@@ -542,7 +566,8 @@ def _deep_merge(base: dict, top: dict) -> dict:
 RECIPE_INPUTS = ("data.tokenizer.path", "data.sources.*.path", "data.sources.*.prefix",
                  "data.prepare.decontaminate.eval_dir", "checkpoint.init_from",
                  "align.reference", "align.fdpg.scorer", "align.online.reward",
-                 "align.online.judge_prompts")
+                 "align.online.judge_prompts", "align.self_judge.judge",
+                 "align.self_judge.judge_prompts")
 REWARD_MODEL_SCORER = "reward-model:"  # align.fdpg.scorer's checkpoint form
 JUDGE_REWARD = "judge:"  # align.online.reward's judge form
 
@@ -560,6 +585,11 @@ def _resolve_inputs(node: Any, key: str, recipe_dir: Path | None,
         return [_resolve_inputs(v, f"{key}.*", recipe_dir, inputs) for v in node]
     if not isinstance(node, str) or key not in inputs:
         return node
+    if key == "align.self_judge.judge":
+        # 'self', 'reward' and http(s) endpoints name no input; a checkpoint does
+        if node in ("self", "reward") or node.startswith(("http://", "https://")):
+            return node
+        return resolve_input(node, recipe_dir)
     if key in ("align.fdpg.scorer", "align.online.reward"):
         # 'reward-model:PATH' and 'judge:PATH' name inputs; 'module:function', 'math',
         # 'code', 'judge:self' and 'judge:http(s)://...' do not.

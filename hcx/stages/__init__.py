@@ -10,6 +10,7 @@ command                 stage                       module
 ``hcx align`` (fdpg)    f-DPG, on-policy            :mod:`hcx.stages.fdpg`
 ``hcx align`` (grpo, rloo)  GRPO / RLOO, on-policy  :mod:`hcx.stages.grpo`
 ``hcx align`` (jbond)   J-BOND, on-policy           :mod:`hcx.stages.jbond`
+``hcx align`` (self_judge)  self-judged DPO, on-policy  :mod:`hcx.stages.self_judged_dpo`
 ======================  ==========================  =================================
 
 :func:`stage_for` picks the stage of a command and recipe; ``hcx align`` picks by
@@ -30,7 +31,8 @@ ALIGN_METHODS = {"dpo": "hcx.stages.align:AlignStage", "ipo": "hcx.stages.align:
                  "orpo": "hcx.stages.align:AlignStage",
                  "reward": "hcx.stages.reward:RewardStage", "fdpg": "hcx.stages.fdpg:FDPGStage",
                  "grpo": "hcx.stages.grpo:GRPOStage", "rloo": "hcx.stages.grpo:RLOOStage",
-                 "jbond": "hcx.stages.jbond:JBondStage"}
+                 "jbond": "hcx.stages.jbond:JBondStage",
+                 "self_judge": "hcx.stages.self_judged_dpo:SelfJudgeStage"}
 STAGES = {"pretrain": "hcx.stages.pretrain:PretrainStage", "sft": "hcx.stages.sft:SFTStage"}
 
 

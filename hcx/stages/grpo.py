@@ -61,6 +61,28 @@ STATS = ("reward", "reward/std", "reward/unparsed", "reward/group_std",
          "frac_reward_zero_std", "completions/clipped_ratio")
 
 
+# align.online keys that only GRPO / RLOO read: set under another on-policy method
+# (jbond, self_judge), they would be ignored, so its rules refuse them.
+GRPO_ONLY = ("samples_per_prompt", "epsilon", "epsilon_high", "beta", "kl_estimator",
+             "loss_type", "scale_rewards", "normalize_advantages", "reward_clip",
+             "normalize_rewards", "normalize_clip", "passes", "unlikelihood_weight",
+             "unlikelihood_ngram")
+
+
+def reward_errors(recipe, required: bool = True) -> list[tuple[str, str]]:
+    """``(key, message)`` when ``align.online.reward`` is missing (and ``required``) or
+    cannot be parsed."""
+    spec = recipe.align.online.reward
+    if spec is None:
+        return [("align.online.reward", f"align.method={recipe.align.method} needs "
+                 "align.online.reward: what scores a completion")] if required else []
+    try:
+        parse_spec(spec)
+    except RewardError as e:
+        return [("align.online.reward", str(e))]
+    return []
+
+
 # --- prompts -----------------------------------------------------------------------------
 
 
@@ -325,11 +347,8 @@ class OnlineStage(Stage):
             return [("align.online", f"align.method={m} needs align.online (at least "
                      "align.online.reward)")]
         cfg = a.online
-        problems = raw_source_errors(recipe.data.sources, "prompts") + prompt_room_errors(recipe)
-        try:
-            parse_spec(cfg.reward)
-        except RewardError as e:
-            problems.append(("align.online.reward", str(e)))
+        problems = (raw_source_errors(recipe.data.sources, "prompts")
+                    + prompt_room_errors(recipe) + reward_errors(recipe))
         if cfg.beta > 0:
             problems += [(key, f"{msg} (align.online.beta > 0 needs it)")
                          for key, msg in reference_errors(recipe)]

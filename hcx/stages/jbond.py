@@ -54,9 +54,10 @@ from hcx.engine.stage import Stage
 from hcx.errors import HcxError
 from hcx.stages import bond_loss, preference
 from hcx.stages.align import reference_checkpoint, reference_errors
-from hcx.stages.grpo import OnlineTask, load_prompts, prompt_room_errors
+from hcx.stages.grpo import (GRPO_ONLY, OnlineTask, load_prompts, prompt_room_errors,
+                             reward_errors)
 from hcx.stages.loss_helpers import loop_output, put_mean
-from hcx.stages.rewards import RewardError, Sample, load_reward, parse_spec, rewards_on_tp
+from hcx.stages.rewards import Sample, load_reward, rewards_on_tp
 from hcx.stages.rollouts import (PolicyRollouts, completion_index, completion_mask,
                                  to_completion_tokens)
 
@@ -64,13 +65,6 @@ from hcx.stages.rollouts import (PolicyRollouts, completion_index, completion_ma
 STATS = ("reward", "reward/anchor", "reward/unparsed", "jbond/quantile",
          "jbond/log_quantile", "completions/clipped_ratio")
 ANCHOR_DIR = "anchor"  # under the checkpoint directory
-
-# align.online keys that only GRPO / RLOO read: set under jbond, they would be ignored.
-GRPO_ONLY = ("samples_per_prompt", "epsilon", "epsilon_high", "beta", "kl_estimator",
-             "loss_type", "scale_rewards", "normalize_advantages", "reward_clip",
-             "normalize_rewards", "normalize_clip", "passes", "unlikelihood_weight",
-             "unlikelihood_ngram")
-
 
 class JBondError(HcxError):
     """A J-BOND run cannot go on (its anchor checkpoint is missing)."""
@@ -276,10 +270,7 @@ class JBondStage(Stage):
                              "section takes the defaults: eta 0.02, beta 0.5, 2 anchor samples)"))
         cfg = a.online
         problems += raw_source_errors(recipe.data.sources, "prompts") + prompt_room_errors(recipe)
-        try:
-            parse_spec(cfg.reward)
-        except RewardError as e:
-            problems.append(("align.online.reward", str(e)))
+        problems += reward_errors(recipe)
         for key in GRPO_ONLY:
             if key in cfg.model_fields_set:
                 problems.append((f"align.online.{key}", f"align.online.{key} is a GRPO/RLOO "

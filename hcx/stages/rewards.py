@@ -464,26 +464,36 @@ def load_reward(spec: str, cfg, *, recipe=None, engine=None, tokenizer=None, log
     return JudgeReward(Judge(model, prompts, cfg.judge_max_new_tokens, names), spec, collective)
 
 
-def rewards_on_tp(reward: Reward, samples: list[Sample]) -> tuple[list[float], list[bool]]:
-    """``(values, parsed)`` of every sample, the same on every TP rank (see the module
-    docstring): a None value becomes 0.0 with ``parsed`` False."""
+def same_on_tp(compute: Callable[[], torch.Tensor], collective: bool,
+               shape: tuple[int, ...]) -> torch.Tensor:
+    """``compute()`` (a float64 tensor of ``shape``), the same on every TP rank: every
+    rank computes it when ``collective`` (a model run across the TP group: each rank gets
+    identical values), else TP rank 0 does and broadcasts it (a sandbox timeout or an
+    endpoint's reply can never make ranks disagree)."""
     from megatron.core import parallel_state as ps
 
     from hcx.engine.parallel import device
 
     tp = ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
-    run_here = reward.collective or tp == 1 or ps.get_tensor_model_parallel_rank() == 0
-    values = torch.zeros(len(samples), 2, dtype=torch.float64)
-    if run_here:
-        out = reward(samples)
-        for i, v in enumerate(out):
-            values[i] = torch.tensor([0.0 if v is None else v, float(v is not None)])
-    if tp > 1 and not reward.collective:
+    values = torch.zeros(shape, dtype=torch.float64)
+    if collective or tp == 1 or ps.get_tensor_model_parallel_rank() == 0:
+        values = compute().to(torch.float64)
+    if tp > 1 and not collective:
         import torch.distributed as dist
 
         on_device = values.to(device())
         dist.broadcast(on_device, src=ps.get_tensor_model_parallel_src_rank(),
                        group=ps.get_tensor_model_parallel_group())
         values = on_device.cpu()
-    return values[:, 0].tolist(), [bool(p) for p in values[:, 1].tolist()]
+    return values
 
+
+def rewards_on_tp(reward: Reward, samples: list[Sample]) -> tuple[list[float], list[bool]]:
+    """``(values, parsed)`` of every sample, the same on every TP rank (see the module
+    docstring, :func:`same_on_tp`): a None value becomes 0.0 with ``parsed`` False."""
+    def compute() -> torch.Tensor:
+        return torch.tensor([[0.0 if v is None else v, float(v is not None)]
+                             for v in reward(samples)], dtype=torch.float64).view(-1, 2)
+
+    values = same_on_tp(compute, reward.collective, (len(samples), 2))
+    return values[:, 0].tolist(), [bool(p) for p in values[:, 1].tolist()]
