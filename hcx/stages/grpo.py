@@ -83,6 +83,26 @@ def reward_errors(recipe, required: bool = True) -> list[tuple[str, str]]:
     return []
 
 
+def sampling_errors(recipe, also: str = "", grpo_only: bool = True) -> list[tuple[str, str]]:
+    """What every on-policy stage refuses: pipeline parallelism (the generation engine
+    runs at pipeline size 1), a validation pass (metrics come from every step's samples)
+    and, with ``grpo_only``, GRPO/RLOO-only ``align.online`` keys (``also`` says where the
+    method's own settings are)."""
+    m, problems = recipe.align.method, []
+    if grpo_only:
+        problems += [(f"align.online.{key}", f"align.online.{key} is a GRPO/RLOO setting that "
+                      f"align.method={m} ignores: remove it{also}")
+                     for key in GRPO_ONLY if key in recipe.align.online.model_fields_set]
+    if recipe.parallel.pp != 1:
+        problems.append(("parallel.pp", f"align.method={m} samples through the generation "
+                         "engine, which runs at pipeline size 1: set parallel.pp=1 (use "
+                         "parallel.tp to split the model)"))
+    if recipe.data.eval_every:
+        problems.append(("data.eval_every", f"align.method={m} reports its metrics on every "
+                         "step's samples; set data.eval_every=0"))
+    return problems
+
+
 # --- prompts -----------------------------------------------------------------------------
 
 
@@ -348,23 +368,17 @@ class OnlineStage(Stage):
                      "align.online.reward)")]
         cfg = a.online
         problems = (raw_source_errors(recipe.data.sources, "prompts")
-                    + prompt_room_errors(recipe) + reward_errors(recipe))
+                    + prompt_room_errors(recipe) + reward_errors(recipe)
+                    + sampling_errors(recipe, grpo_only=False))
         if cfg.beta > 0:
             problems += [(key, f"{msg} (align.online.beta > 0 needs it)")
                          for key, msg in reference_errors(recipe)]
-        if p.pp != 1:
-            problems.append(("parallel.pp", f"align.method={m} samples through the generation "
-                             "engine, which runs at pipeline size 1: set parallel.pp=1 (use "
-                             "parallel.tp to split the model)"))
         k = cfg.samples_per_prompt
         if t.global_batch_size % (k * p.dp):
             problems.append(("train.global_batch_size", f"train.global_batch_size="
                              f"{t.global_batch_size} must be a multiple of "
                              f"align.online.samples_per_prompt * parallel.dp = {k} * {p.dp} "
                              "(each DP rank samples whole groups)"))
-        if recipe.data.eval_every:
-            problems.append(("data.eval_every", f"align.method={m} reports its metrics on "
-                             "every step's samples; set data.eval_every=0"))
         if cfg.epsilon_high is not None and cfg.epsilon_high < cfg.epsilon:
             problems.append(("align.online.epsilon_high", f"align.online.epsilon_high="
                              f"{cfg.epsilon_high} is below align.online.epsilon={cfg.epsilon}"))

@@ -54,8 +54,8 @@ from hcx.engine.stage import Stage
 from hcx.errors import HcxError
 from hcx.stages import bond_loss, preference
 from hcx.stages.align import reference_checkpoint, reference_errors
-from hcx.stages.grpo import (GRPO_ONLY, OnlineTask, load_prompts, prompt_room_errors,
-                             reward_errors)
+from hcx.stages.grpo import (OnlineTask, load_prompts, prompt_room_errors, reward_errors,
+                             sampling_errors)
 from hcx.stages.loss_helpers import loop_output, put_mean
 from hcx.stages.rewards import Sample, load_reward, rewards_on_tp
 from hcx.stages.rollouts import (PolicyRollouts, completion_index, completion_mask,
@@ -260,7 +260,7 @@ class JBondStage(Stage):
     section = "align"
 
     def rules(self, recipe):
-        a, p = recipe.align, recipe.parallel
+        a = recipe.align
         problems: list[tuple[str, str]] = []
         if a.online is None:
             return [("align.online", "align.method=jbond needs align.online (at least "
@@ -271,11 +271,7 @@ class JBondStage(Stage):
         cfg = a.online
         problems += raw_source_errors(recipe.data.sources, "prompts") + prompt_room_errors(recipe)
         problems += reward_errors(recipe)
-        for key in GRPO_ONLY:
-            if key in cfg.model_fields_set:
-                problems.append((f"align.online.{key}", f"align.online.{key} is a GRPO/RLOO "
-                                 "setting that align.method=jbond ignores: remove it (J-BOND's "
-                                 "own settings are under align.jbond)"))
+        problems += sampling_errors(recipe, " (J-BOND's own settings are under align.jbond)")
         j = a.jbond
         if j is not None and (j.reference_kl or j.gamma > 0):
             problems += [(key, f"{msg} (align.jbond.reference_kl needs it)")
@@ -283,13 +279,6 @@ class JBondStage(Stage):
         if j is not None and j.gamma > 0 and not j.reference_kl:
             problems.append(("align.jbond.gamma", "align.jbond.gamma > 0 pulls towards the "
                              "initial model: set align.jbond.reference_kl=true"))
-        if p.pp != 1:
-            problems.append(("parallel.pp", "align.method=jbond samples through the generation "
-                             "engine, which runs at pipeline size 1: set parallel.pp=1 (use "
-                             "parallel.tp to split the model)"))
-        if recipe.data.eval_every:
-            problems.append(("data.eval_every", "align.method=jbond reports its metrics on "
-                             "every step's samples; set data.eval_every=0"))
         return problems
 
     def read(self, recipe, tokenizer, log):

@@ -56,8 +56,8 @@ from hcx.engine.stage import Stage
 from hcx.stages import preference
 from hcx.stages.align import reference_checkpoint, reference_errors
 from hcx.stages.candidate_selection import match_points
-from hcx.stages.grpo import (GRPO_ONLY, OnlineTask, load_prompts, prompt_room_errors,
-                             reward_errors)
+from hcx.stages.grpo import (OnlineTask, load_prompts, prompt_room_errors, reward_errors,
+                             sampling_errors)
 from hcx.stages.loss_helpers import loop_output
 from hcx.stages.losses import dpo_loss
 from hcx.stages.rewards import (Sample, load_reward, open_judge_model, rewards_on_tp,
@@ -228,7 +228,7 @@ class SelfJudgeStage(Stage):
     section = "align"
 
     def rules(self, recipe):
-        a, p = recipe.align, recipe.parallel
+        a = recipe.align
         if a.online is None:
             return [("align.online", "align.method=self_judge samples with align.online (an "
                      "empty section takes the defaults; set max_new_tokens, temperature, "
@@ -239,11 +239,7 @@ class SelfJudgeStage(Stage):
                     + prompt_room_errors(recipe) + reward_errors(recipe, required=judge == "reward")
                     + [(key, f"{msg} (DPO's reference model)")
                        for key, msg in reference_errors(recipe)])
-        for key in GRPO_ONLY:
-            if key in a.online.model_fields_set:
-                problems.append((f"align.online.{key}", f"align.online.{key} is a GRPO/RLOO "
-                                 "setting that align.method=self_judge ignores: remove it "
-                                 "(DPO's beta is align.beta)"))
+        problems += sampling_errors(recipe, " (DPO's beta is align.beta)")
         if judge != "reward":
             from hcx.errors import HcxError
             from hcx.stages.self_judge import load_pair_prompt
@@ -253,13 +249,6 @@ class SelfJudgeStage(Stage):
                 load_pair_prompt(settings.judge_prompts, settings.judge_prompt)
             except (HcxError, FileNotFoundError) as e:
                 problems.append(("align.self_judge.judge_prompts", str(e)))
-        if p.pp != 1:
-            problems.append(("parallel.pp", "align.method=self_judge samples and judges "
-                             "through the generation engine, which runs at pipeline size 1: "
-                             "set parallel.pp=1 (use parallel.tp to split the model)"))
-        if recipe.data.eval_every:
-            problems.append(("data.eval_every", "align.method=self_judge reports its metrics "
-                             "on every step's samples; set data.eval_every=0"))
         return problems
 
     def read(self, recipe, tokenizer, log):

@@ -45,7 +45,7 @@ def test_rules_name_the_keys(tmp_path):
     with pytest.raises(RecipeError) as e:
         stage_for("align", recipe).resolve(recipe)
     msg = str(e.value)
-    assert "parallel.pp: align.method=self_judge samples and judges through the " \
+    assert "parallel.pp: align.method=self_judge samples through the " \
            "generation engine" in msg
     assert "align.online.samples_per_prompt: align.online.samples_per_prompt is a GRPO/RLOO " \
            "setting that align.method=self_judge ignores" in msg
