@@ -17,7 +17,7 @@ def _umask() -> int:
 
 def write_text_atomic(path: str | os.PathLike, text: str, mode: int | None = None) -> Path:
     """Write ``text`` (UTF-8) to a temporary file beside ``path``, fsync it, then rename it
-    over ``path``. The file gets ``mode``, else the permissions of any new file (0666 less
+    over ``path``. Missing folders are created. The file gets ``mode``, else the permissions of any new file (0666 less
     the umask; mkstemp's own 0600 would hide reports and scores from other users). The
     temporary file is removed if anything fails."""
     if not isinstance(text, str):
@@ -29,6 +29,7 @@ def write_text_atomic(path: str | os.PathLike, text: str, mode: int | None = Non
 def write_bytes_atomic(path: str | os.PathLike, data: bytes, mode: int | None = None) -> Path:
     """:func:`write_text_atomic` for bytes (a report's PNG chart)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)  # `--out new/dir/file` just works
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, mode if mode is not None else 0o666 & ~_umask())
