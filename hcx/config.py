@@ -285,8 +285,9 @@ class MlflowConfig(Strict):
     """MLflow (``pip install hcx[mlflow]``): the run's scalars and resolved recipe."""
 
     tracking_uri: str | None = Field(
-        default=None, description="a server (http://...), sqlite:///path.db or a folder "
-        "(file:/path); None = <output_dir>/mlruns")
+        default=None, description="a server (http://...) or sqlite:///path.db (MLflow 3 "
+        "refuses folder stores unless MLFLOW_ALLOW_FILE_STORE=true); None = "
+        "sqlite:///<output_dir>/mlflow.db")
     experiment: str = "hcx"
     run_name: str | None = Field(default=None, description="None = the recipe's name")
     tags: dict[str, str] = Field(default_factory=dict)

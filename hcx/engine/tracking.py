@@ -86,7 +86,9 @@ class MlflowTracker:
     def __init__(self, settings, recipe: dict[str, Any], out_dir: Path,
                  resume_id: str | None = None):
         mlflow = _import("mlflow", "mlflow")
-        uri = settings.tracking_uri or (out_dir / "mlruns").resolve().as_uri()
+        # MLflow 3 refuses its folder store unless told otherwise: a SQLite file is the
+        # local default that needs nothing else.
+        uri = settings.tracking_uri or f"sqlite:///{(out_dir / 'mlflow.db').resolve()}"
         self.client = mlflow.tracking.MlflowClient(tracking_uri=uri)
         if resume_id is None:
             exp = self.client.get_experiment_by_name(settings.experiment)
