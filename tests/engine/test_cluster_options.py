@@ -439,3 +439,22 @@ def test_gpu_check_dry_run_prints_the_plan(tmp_path):
                  str(tmp_path / "gpu.md")):
         assert step in plan, (step, plan)
     assert not (tmp_path / "gpu.md").exists()  # a dry run runs nothing
+
+
+def test_eval_log_to_sends_every_task_metric_at_the_checkpoint_step(monkeypatch, tmp_path):
+    """``hcx eval --log-to``: scores.json's metrics, flattened, at the checkpoint's step."""
+    from hcx.commands import evaluate as cmd
+    from hcx.engine import tracking
+    from hcx.evaluation import runner
+
+    sent = {}
+    monkeypatch.setattr(tracking, "log_scores",
+                        lambda run, scores, step: sent.update(run=run, scores=scores, step=step)
+                        or ["mlflow"])
+    monkeypatch.setattr(runner, "checkpoint_step", lambda model: 40)
+    scores = {"tasks": {"kobest_copa": {"metrics": {"acc": {"value": 0.5, "stderr": 0.1},
+                                                    "acc_norm": {"value": 0.25}}},
+                        "ifeval": {"metrics": {"strict": {"value": None}}}}}
+    cmd.log_to_trackers(tmp_path, scores, model=None)
+    assert sent == {"run": tmp_path, "step": 40,
+                    "scores": {"kobest_copa/acc": 0.5, "kobest_copa/acc_norm": 0.25}}
