@@ -458,3 +458,18 @@ def test_eval_log_to_sends_every_task_metric_at_the_checkpoint_step(monkeypatch,
     cmd.log_to_trackers(tmp_path, scores, model=None)
     assert sent == {"run": tmp_path, "step": 40,
                     "scores": {"kobest_copa/acc": 0.5, "kobest_copa/acc_norm": 0.25}}
+
+
+def test_context_parallel_part_is_megatrons_load_balanced_split():
+    """cp=2: the sequence in 4 chunks, rank 0 keeps chunks 0 and 3, rank 1 chunks 1 and 2
+    (each gets an equal share of causal attention's work)."""
+    import torch
+
+    from hcx.engine.batches import context_parallel_part
+
+    batch = {"tokens": torch.arange(16).expand(2, 16), "n": 3}
+    assert context_parallel_part(batch, 1, 0) is batch
+    r0, r1 = (context_parallel_part(batch, 2, r) for r in (0, 1))
+    assert r0["tokens"][0].tolist() == [0, 1, 2, 3, 12, 13, 14, 15]
+    assert r1["tokens"][1].tolist() == [4, 5, 6, 7, 8, 9, 10, 11]
+    assert r0["n"] == 3 and r0["tokens"].shape == (2, 8)
