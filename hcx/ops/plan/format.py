@@ -140,7 +140,7 @@ def _memory_table(plan: Plan) -> str:
         lines.append(f"  {label:<38}{cells}")
     lines.append(f"  one layer, one micro-batch: {plan.layer_activation_bytes / GIB:.3f} GiB; "
                  f"Korthikanti et al.'s GPT layer of this shape: "
-                 f"{plan.korthikanti_layer_bytes / GIB:.3f} without recomputation, "
-                 f"{plan.korthikanti_selective_bytes / GIB:.3f} GiB selective, "
+                 f"{plan.korthikanti_layer_bytes / GIB:.3f} GiB without recomputation, "
+                 f"{plan.korthikanti_selective_bytes / GIB:.3f} selective, "
                  f"{plan.korthikanti_full_bytes / GIB:.3f} full")
     return "\n".join(lines)
