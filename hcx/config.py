@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
+                      field_validator, model_validator)
 
 from hcx.errors import HcxError
 
@@ -57,6 +58,8 @@ class ModelConfig(Strict):
 class ParallelConfig(Strict):
     tp: int = Field(default=1, gt=0, description="tensor-parallel size")
     pp: int = Field(default=1, gt=0, description="pipeline-parallel size")
+    cp: int = Field(default=1, gt=0, description="context-parallel size: each sequence split "
+                    "over cp GPUs (megatron + Transformer Engine ring attention; CUDA only)")
     dp: int = Field(default=1, gt=0, description="data-parallel size")
     sequence_parallel: bool = False
     distributed_optimizer: bool = Field(
@@ -65,10 +68,21 @@ class ParallelConfig(Strict):
                     "ZeRO-1). On by default at every DP size so that checkpoints move between "
                     "any layouts; megatron's plain optimizer saves in another format.",
     )
+    overlap_grad_reduce: bool = Field(
+        default=False, description="megatron DDP: reduce (or reduce-scatter) each gradient "
+        "bucket as soon as its backward is done, overlapping communication with the rest of "
+        "the backward pass")
+    overlap_param_gather: bool = Field(
+        default=False, description="distributed optimizer: all-gather the updated parameters "
+        "bucket by bucket during the next forward pass instead of after the optimizer step "
+        "(needs distributed_optimizer and overlap_grad_reduce)")
+    bucket_size: int | None = Field(
+        default=None, gt=0, description="parameters per gradient/parameter bucket; None = "
+        "megatron's default (max(40M, 1M x dp) with overlap, one bucket without)")
 
     @property
     def world_size(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.tp * self.pp * self.cp * self.dp
 
 
 class TokenizerConfig(Strict):
@@ -185,6 +199,21 @@ class DataConfig(Strict):
     eval_batches: int = Field(default=2, gt=0)
 
 
+class FP8Config(Strict):
+    """Transformer Engine's FP8 training (megatron's ``fp8`` and ``fp8_recipe``)."""
+
+    recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = Field(
+        default="tensorwise", description="scaling: delayed (amax history), tensorwise "
+        "(current per-tensor scale), blockwise (1x128/128x128 blocks, Hopper), mxfp8 "
+        "(32-element blocks, Blackwell)")
+    format: Literal["e4m3", "hybrid"] = Field(
+        default="hybrid", description="e4m3 everywhere, or hybrid: e4m3 forward, e5m2 "
+        "gradients")
+    amax_history_len: int = Field(default=1024, gt=0, description="delayed scaling only")
+    amax_compute_algo: Literal["max", "most_recent"] = Field(
+        default="max", description="delayed scaling only")
+
+
 class TrainConfig(Strict):
     steps: int = Field(gt=0)
     global_batch_size: int = Field(gt=0)
@@ -203,7 +232,28 @@ class TrainConfig(Strict):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         default="auto", description="auto = bf16 on GPU, fp32 on CPU"
     )
-    recompute: bool = Field(default=False, description="full activation recomputation")
+    recompute: Literal["none", "selective", "full"] = Field(
+        default="none", description="activation recomputation (Korthikanti et al. 2022): "
+        "selective = core attention only (megatron's recompute_granularity='selective'); "
+        "full = whole layers, keeping only their inputs (recompute_method, "
+        "recompute_num_layers); true/false are read as full/none")
+    recompute_method: Literal["uniform", "block"] | None = Field(
+        default=None, description="full recomputation: uniform = checkpoint chunks of "
+        "recompute_num_layers layers; block = recompute only the first recompute_num_layers "
+        "layers of each pipeline stage; None = uniform")
+    recompute_num_layers: int | None = Field(
+        default=None, gt=0, description="full recomputation: layers per chunk (uniform) or "
+        "recomputed layers per stage (block); None = 1 (uniform) or all of them (block)")
+    fp8: FP8Config | None = Field(default=None, description="FP8 matmuls through "
+                                    "Transformer Engine (NVIDIA Hopper or newer); None = off")
+
+    @field_validator("recompute", mode="before")
+    @classmethod
+    def _recompute_bool(cls, value):
+        # Older recipes wrote recompute: true/false (full recomputation or none).
+        if isinstance(value, bool):
+            return "full" if value else "none"
+        return value
 
 
 class CheckpointConfig(Strict):
@@ -217,6 +267,32 @@ class CheckpointConfig(Strict):
     )
 
 
+class WandbConfig(Strict):
+    """Weights & Biases (``pip install hcx[wandb]``): the run's scalars and resolved recipe."""
+
+    project: str = "hcx"
+    entity: str | None = None
+    name: str | None = Field(default=None, description="run name; None = the recipe's name")
+    mode: Literal["online", "offline", "disabled"] = Field(
+        default="offline", description="offline writes under dir (sync later with `wandb "
+        "sync`), online needs a network and a login")
+    dir: str | None = Field(default=None, description="None = <output_dir> (wandb/ inside)")
+    tags: list[str] = Field(default_factory=list)
+    group: str | None = None
+
+
+class MlflowConfig(Strict):
+    """MLflow (``pip install hcx[mlflow]``): the run's scalars and resolved recipe."""
+
+    tracking_uri: str | None = Field(
+        default=None, description="a server (http://...) or sqlite:///path.db (MLflow 3 "
+        "refuses folder stores unless MLFLOW_ALLOW_FILE_STORE=true); None = "
+        "sqlite:///<output_dir>/mlflow.db")
+    experiment: str = "hcx"
+    run_name: str | None = Field(default=None, description="None = the recipe's name")
+    tags: dict[str, str] = Field(default_factory=dict)
+
+
 class LoggingConfig(Strict):
     peak_tflops: float | None = Field(
         default=None, gt=0, description="per-device peak for MFU; None = known GPU table or off"
@@ -224,6 +300,8 @@ class LoggingConfig(Strict):
     tensorboard: bool = True
     progress: bool = Field(default=True, description="progress bar on the console")
     log_every: int = Field(default=10, gt=0, description="console line every N steps")
+    wandb: WandbConfig | None = Field(default=None, description="None = off")
+    mlflow: MlflowConfig | None = Field(default=None, description="None = off")
 
 
 class SFTConfig(Strict):
@@ -508,6 +586,63 @@ def layout_errors(r: Recipe) -> list[tuple[str, str]]:
     names = [s.name for s in r.data.sources]
     dup = sorted({n for n in names if names.count(n) > 1})
     check(not dup, "data.sources", f"duplicate source names: {dup}")
+    errors += cluster_option_errors(r)
+    return errors
+
+
+def cluster_option_errors(r: Recipe) -> list[tuple[str, str]]:
+    """Rules of the cluster options (overlap, recomputation, FP8, context parallelism)
+    that the recipe alone decides; what the machine must have is checked when the engine
+    is built (:func:`hcx.engine.model.check_machine`)."""
+    m, p, t = r.model, r.parallel, r.train
+    errors: list[tuple[str, str]] = []
+
+    def check(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            errors.append((key, msg))
+
+    check(not (p.overlap_param_gather and not p.distributed_optimizer),
+          "parallel.overlap_param_gather",
+          "parallel.overlap_param_gather needs parallel.distributed_optimizer=true (it "
+          "all-gathers the optimizer's parameter shards)")
+    check(not (p.overlap_param_gather and not p.overlap_grad_reduce),
+          "parallel.overlap_param_gather",
+          "parallel.overlap_param_gather needs parallel.overlap_grad_reduce=true (megatron "
+          "overlaps the gather only together with the reduction)")
+    layers = m.num_layers // p.pp if m.num_layers % p.pp == 0 else m.num_layers
+    if t.recompute != "full":
+        for key in ("recompute_method", "recompute_num_layers"):
+            check(getattr(t, key) is None, f"train.{key}",
+                  f"train.{key} applies to full recomputation only; set train.recompute=full "
+                  f"or remove it (train.recompute={t.recompute})")
+    else:
+        check(t.recompute_num_layers is None or t.recompute_num_layers <= layers,
+              "train.recompute_num_layers",
+              f"train.recompute_num_layers={t.recompute_num_layers} exceeds the "
+              f"{layers} layers of a pipeline stage (model.num_layers / parallel.pp)")
+    if p.cp > 1:
+        check(r.data.seq_length % (2 * p.cp) == 0, "data.seq_length",
+              f"data.seq_length={r.data.seq_length} must be divisible by 2 x parallel.cp = "
+              f"{2 * p.cp} (each context-parallel rank takes two chunks, one early and one "
+              "late, to balance causal attention)")
+        sp = p.tp if p.sequence_parallel else 1
+        check(not (sp > 1 and r.data.seq_length % (2 * p.cp * sp)), "data.seq_length",
+              f"data.seq_length={r.data.seq_length} must be divisible by 2 x parallel.cp x "
+              f"parallel.tp = {2 * p.cp * sp} with sequence parallelism")
+        check(m.transformer_impl != "local", "parallel.cp",
+              f"parallel.cp={p.cp} needs Transformer Engine's attention "
+              "(model.transformer_impl auto or transformer_engine, not local)")
+    if t.fp8 is not None:
+        check(t.precision != "fp32", "train.fp8",
+              "train.fp8 runs the matmuls in FP8 inside bf16 training: set train.precision "
+              "to bf16 or auto (not fp32)")
+        check(m.transformer_impl != "local", "train.fp8",
+              "train.fp8 needs Transformer Engine's layers (model.transformer_impl auto or "
+              "transformer_engine, not local)")
+        check(m.hidden_size % 16 == 0 and m.ffn_hidden_size % (16 * p.tp) == 0,
+              "train.fp8", f"train.fp8 needs model.hidden_size ({m.hidden_size}) and "
+              f"model.ffn_hidden_size / parallel.tp ({m.ffn_hidden_size} / {p.tp}) divisible "
+              "by 16 (FP8 GEMM shapes)")
     return errors
 
 

@@ -69,9 +69,12 @@ def cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
             log(f"evaluating {model.path}{f' ({model.name})' if served else ''} on "
                 f"{len(selected)} tasks -> {out}"
                 + (f" (judge: {judge.path})" if judge is not None else ""))
-        evaluate(model, selected, out, limit=args.limit, chat=args.chat,
-                 max_new_tokens=args.max_new_tokens, log=log if model.rank0 else lambda m: None,
-                 settings=run_settings(args), judge=judge)
+        scores = evaluate(model, selected, out, limit=args.limit, chat=args.chat,
+                          max_new_tokens=args.max_new_tokens,
+                          log=log if model.rank0 else lambda m: None,
+                          settings=run_settings(args), judge=judge)
+        if args.log_to and model.rank0:
+            log_to_trackers(Path(args.log_to), scores, model)
     finally:
         if judge is not None and judge is not model:
             judge.close()
@@ -79,6 +82,22 @@ def cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
     if model.rank0:
         print(out)
     return 0
+
+
+def log_to_trackers(run_dir: Path, scores: dict, model) -> None:
+    """``--log-to RUN_DIR``: the scores (``eval/<task>/<metric>``) into the W&B / MLflow
+    runs of the training run in RUN_DIR, at the checkpoint's training step."""
+    from hcx.engine.tracking import log_scores
+    from hcx.evaluation.runner import checkpoint_step
+
+    flat = {}
+    for task, entry in scores.get("tasks", {}).items():
+        for metric, value in entry.get("metrics", {}).items():
+            v = value.get("value") if isinstance(value, dict) else value
+            if isinstance(v, (int, float)):
+                flat[f"{task}/{metric}"] = v
+    done = log_scores(run_dir, flat, step=checkpoint_step(model))
+    log(f"scores logged to the {' and '.join(done)} run of {run_dir}")
 
 
 DEFAULT_BATCH_SIZE = 16
@@ -212,6 +231,10 @@ def add_parsers(sub) -> None:
                                              "(scores are then not comparable to published ones)")
     p.add_argument("--out", help="run directory (default: runs/eval/<model name>[-limitN]; for "
                                  "an endpoint runs/eval/<served model>@<host>-<port>[-limitN])")
+    p.add_argument("--log-to", metavar="RUN_DIR",
+                   help="also log the scores to the Weights & Biases / MLflow runs of the "
+                        "training run in RUN_DIR (its trackers.json, written when its recipe "
+                        "sets logging.wandb or logging.mlflow), at the checkpoint's step")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel processes (hcx checkpoints)")
     p.add_argument("--dp", type=int, default=1,
                    help="data-parallel replicas: N copies of the model (each --tp processes) "

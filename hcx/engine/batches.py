@@ -55,3 +55,27 @@ class EpochOrder:
             self._epoch = epoch
             self._order = epoch_order(self.n, epoch, self.seed, self.lengths, self.group)
         return self._order[k]
+
+
+def context_parallel_part(batch: dict, cp: int, cp_rank: int, seq_dim: int = 1) -> dict:
+    """This context-parallel rank's part of every ``[batch, seq]`` tensor in ``batch``
+    (megatron's load-balanced split, as Megatron-LM's ``get_batch_on_this_cp_rank``):
+    the sequence is cut into ``2 * cp`` chunks and rank ``r`` keeps chunks ``r`` and
+    ``2*cp - 1 - r``, so every rank gets an equal share of causal attention's work.
+    Tensors without the sequence dimension are left as they are."""
+    if cp == 1:
+        return batch
+    import torch
+
+    out = {}
+    for key, value in batch.items():
+        if not isinstance(value, torch.Tensor) or value.dim() <= seq_dim:
+            out[key] = value
+            continue
+        s = value.shape[seq_dim]
+        chunks = value.view(*value.shape[:seq_dim], 2 * cp, s // (2 * cp),
+                            *value.shape[seq_dim + 1:])
+        index = torch.tensor([cp_rank, 2 * cp - 1 - cp_rank], device=value.device)
+        part = chunks.index_select(seq_dim, index)
+        out[key] = part.reshape(*value.shape[:seq_dim], -1, *value.shape[seq_dim + 1:])
+    return out

@@ -22,11 +22,11 @@ import torch.distributed as dist
 
 from hcx.engine import checkpoint as ckpt
 from hcx.engine.batches import rank_microbatches
-from hcx.engine import metrics
+from hcx.engine import metrics, tracking
 from hcx.config import Recipe
 from hcx.errors import HcxError, Stopped
-from hcx.engine.model import build_gpt, compute_dtype, padded_vocab_size
-from hcx.engine.optim import build_optimizer, build_scheduler, wrap_ddp
+from hcx.engine.model import build_gpt, check_machine, compute_dtype, padded_vocab_size
+from hcx.engine.optim import build_optimizer, build_scheduler, sync_params, wrap_ddp
 from hcx.engine.parallel import Topology, device, initialize
 
 
@@ -139,12 +139,15 @@ def build_engine(recipe: Recipe, vocab_size: int, with_optimizer: bool = True,
     (pretraining); with loss masks of varying size (SFT) only the first is the mean.
     ``modify_model(model)`` changes the built stage before DDP and the optimizer see its
     parameters (a reward model swaps the output layer for a scalar head)."""
+    check_machine(recipe)  # FP8 / context parallelism: before any process group exists
     topo = initialize(recipe.parallel, recipe.train.seed)
     dtype = compute_dtype(recipe.train.precision)
     padded = padded_vocab_size(vocab_size, recipe.parallel.tp)
+    t = recipe.train
     model = build_gpt(recipe.model, recipe.parallel, padded, recipe.data.seq_length, dtype,
                       pre_process=topo.is_first_stage, post_process=topo.is_last_stage,
-                      recompute=recipe.train.recompute)
+                      recompute=t.recompute, recompute_method=t.recompute_method,
+                      recompute_num_layers=t.recompute_num_layers, fp8=t.fp8)
     # Before DDP is built: it sets its gradient scaling from this flag.
     model.config.calculate_per_token_loss = per_token_loss
     if modify_model is not None:
@@ -252,8 +255,8 @@ def _reduce_loss(engine: Engine, losses: list[dict[str, torch.Tensor]]) -> dict[
         for mb in losses:
             for i, k in enumerate(keys):
                 totals[i] += mb[k].detach().to(totals.device, torch.float64)
-        if engine.topo.dp > 1:
-            dist.all_reduce(totals, group=ps.get_data_parallel_group())
+        if engine.topo.dp * engine.topo.cp > 1:  # CP ranks hold parts of each sequence
+            dist.all_reduce(totals, group=ps.get_data_parallel_group(with_context_parallel=True))
     if engine.topo.pp > 1:
         dist.broadcast(totals, src=ps.get_pipeline_model_parallel_last_rank(),
                        group=ps.get_pipeline_model_parallel_group())
@@ -293,9 +296,12 @@ def train(engine: Engine, task: TrainingTask,
     peak = metrics.peak_tflops(r.logging.peak_tflops, engine.dtype)
     tokens_per_step = t.global_batch_size * r.data.seq_length
     logger = None
+    trackers = tracking.Trackers([])
     if topo.is_logging_rank:
         logger = metrics.MetricsLogger(Path(r.output_dir), t.steps, engine.start_step,
                                  r.logging.tensorboard, r.logging.progress, r.logging.log_every)
+        # W&B / MLflow (logging.wandb, logging.mlflow): the same scalars + the recipe.
+        trackers = tracking.Trackers.from_recipe(r, Path(r.output_dir))
     records = []
     saved_state = (engine.resumed or {}).get("task_state")
     if saved_state:
@@ -305,6 +311,7 @@ def train(engine: Engine, task: TrainingTask,
                    "(raise train.steps to continue)")
 
     def save(done: int) -> None:
+        sync_params(r, engine.ddp)
         extra = {"consumed_samples": engine.first_sample(done), "recipe": r.to_dict()}
         state = task.state_dict()  # a loss's own state (BCO's running reward mean)
         if state:
@@ -347,6 +354,7 @@ def train(engine: Engine, task: TrainingTask,
                 if peak:
                     record["mfu"] = tflops / peak
                 if valid_task is not None and r.data.eval_every and done % r.data.eval_every == 0:
+                    sync_params(r, engine.ddp)
                     passes = [run_step(engine, valid_task, k, forward_only=True)
                               for k in range(r.data.eval_batches)]
                     record.update({f"valid/{k}": sum(p[k] for p in passes) / len(passes)
@@ -354,6 +362,7 @@ def train(engine: Engine, task: TrainingTask,
                 records.append(record)
                 if logger:
                     logger.log(record)
+                trackers.log(record)
                 saved = (r.checkpoint.save_every and done % r.checkpoint.save_every == 0) or done == t.steps
                 if saved:
                     save(done)
@@ -366,6 +375,7 @@ def train(engine: Engine, task: TrainingTask,
     finally:
         if logger:
             logger.close()
+        trackers.close()
     engine.log(f"done: metrics in {Path(r.output_dir) / 'metrics.jsonl'}, checkpoints in "
                f"{r.checkpoint_dir}")
     return records

@@ -114,8 +114,77 @@ def compute_dtype(precision: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
 
 
+def recompute_settings(recompute: str | bool, method: str | None = None,
+                       num_layers: int | None = None, layers_per_stage: int = 1) -> dict:
+    """megatron's three recomputation keys for ``train.recompute`` (``none``, ``selective``:
+    core attention, ``full``: whole layers; a bool is full/none). Full recomputation
+    defaults to uniform chunks of one layer; ``block`` defaults to every layer of the stage."""
+    if isinstance(recompute, bool):
+        recompute = "full" if recompute else "none"
+    if recompute == "none":
+        return {"recompute_granularity": None}
+    if recompute == "selective":
+        return {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]}
+    method = method or "uniform"
+    if num_layers is None:
+        num_layers = 1 if method == "uniform" else layers_per_stage
+    return {"recompute_granularity": "full", "recompute_method": method,
+            "recompute_num_layers": num_layers}
+
+
+def fp8_settings(fp8) -> dict:
+    """megatron's FP8 keys for ``train.fp8`` (an :class:`hcx.config.FP8Config`, or None)."""
+    if fp8 is None:
+        return {}
+    out = {"fp8": fp8.format, "fp8_recipe": fp8.recipe}
+    if fp8.recipe == "delayed":
+        out |= {"fp8_amax_history_len": fp8.amax_history_len,
+                "fp8_amax_compute_algo": fp8.amax_compute_algo}
+    return out
+
+
+def check_machine(recipe) -> None:
+    """Refuse options this machine cannot run, saying what they need: FP8 and context
+    parallelism run in Transformer Engine's kernels on NVIDIA GPUs (FP8: compute
+    capability 8.9+, MXFP8 10.0+). Raises MachineError."""
+    t, p = recipe.train, recipe.parallel
+    wants = []
+    if t.fp8 is not None:
+        wants.append(f"train.fp8 (recipe {t.fp8.recipe})")
+    if p.cp > 1:
+        wants.append(f"parallel.cp={p.cp}")
+    if not wants:
+        return
+    what = " and ".join(wants)
+    if not torch.cuda.is_available():
+        raise MachineError(
+            f"{what} needs NVIDIA GPUs with Transformer Engine (CUDA kernels: FP8 GEMMs, "
+            "ring attention); this machine has no CUDA device. Remove it to train here "
+            + ("(train.fp8=null" if t.fp8 is not None else "(")
+            + (", " if t.fp8 is not None and p.cp > 1 else "")
+            + ("parallel.cp=1" if p.cp > 1 else "") + ")")
+    try:
+        import transformer_engine  # noqa: F401
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception as e:  # ImportError, or a broken CUDA install
+        raise MachineError(
+            f"{what} needs Transformer Engine, which does not import here ({e}); install it "
+            "with `pip install --no-build-isolation transformer_engine[pytorch]` (matching "
+            "your CUDA and torch)") from None
+    if t.fp8 is not None:
+        need = (10, 0) if t.fp8.recipe == "mxfp8" else (9, 0) if t.fp8.recipe == "blockwise" \
+            else (8, 9)
+        cc = torch.cuda.get_device_capability()
+        if cc < need:
+            raise MachineError(
+                f"train.fp8.recipe={t.fp8.recipe} needs GPUs of compute capability "
+                f"{need[0]}.{need[1]} or newer ({'Blackwell' if need[0] == 10 else 'Hopper' if need[0] == 9 else 'Ada/Hopper'}); "
+                f"{torch.cuda.get_device_name()} is {cc[0]}.{cc[1]}")
+
+
 def transformer_config(model: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype,
-                       recompute: bool = False):
+                       recompute: str | bool = "none", recompute_method: str | None = None,
+                       recompute_num_layers: int | None = None, fp8=None):
     from megatron.core.transformer import TransformerConfig
 
     bf16 = dtype == torch.bfloat16
@@ -151,15 +220,19 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, dtype: torc
         gradient_accumulation_fusion=False,
         apply_rope_fusion=False,
         persist_layer_norm=False,
-        recompute_granularity="full" if recompute else None,
-        recompute_method="uniform" if recompute else None,
-        recompute_num_layers=1 if recompute else None,
+        context_parallel_size=parallel.cp,
+        **recompute_settings(recompute, recompute_method, recompute_num_layers,
+                             model.num_layers // parallel.pp),
+        **fp8_settings(fp8),
     )
 
 
 def build_gpt(model: ModelConfig, parallel: ParallelConfig, vocab_size: int, seq_length: int,
-              dtype: torch.dtype, pre_process: bool, post_process: bool, recompute: bool = False):
-    """One pipeline stage of the decoder (all of it when pp == 1)."""
+              dtype: torch.dtype, pre_process: bool, post_process: bool,
+              recompute: str | bool = "none", recompute_method: str | None = None,
+              recompute_num_layers: int | None = None, fp8=None):
+    """One pipeline stage of the decoder (all of it when pp == 1). ``recompute``:
+    ``train.recompute`` (:func:`recompute_settings`); ``fp8``: ``train.fp8``."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
@@ -171,7 +244,8 @@ def build_gpt(model: ModelConfig, parallel: ParallelConfig, vocab_size: int, seq
         get_num_layers_to_build,
     )
 
-    config = transformer_config(model, parallel, dtype, recompute)
+    config = transformer_config(model, parallel, dtype, recompute, recompute_method,
+                                recompute_num_layers, fp8)
     if use_transformer_engine(model):
         spec = get_gpt_layer_with_transformer_engine_spec()
     else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from hcx.config import Recipe
+from hcx.config import Recipe, RecipeError
 
 
 def use_distributed_optimizer(recipe: Recipe) -> bool:
@@ -16,14 +16,41 @@ def wrap_ddp(recipe: Recipe, module: torch.nn.Module, config):
     (and reduce-scatters into its shards with the distributed optimizer)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
+    p = recipe.parallel
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=p.overlap_grad_reduce,
+        overlap_param_gather=p.overlap_param_gather,
         use_distributed_optimizer=use_distributed_optimizer(recipe),
         check_for_nan_in_grad=False,  # hcx checks the loss itself and names the step
-        bucket_size=None,
+        bucket_size=p.bucket_size,
     )
-    return DistributedDataParallel(config=config, ddp_config=ddp_config, module=module)
+    ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=module)
+    buckets = sum(len(group.buckets) for group in ddp.bucket_groups)
+    if p.overlap_param_gather and buckets > 1:
+        # megatron-core 0.16.1 (its issue #504): with overlapped parameter gathers the
+        # bucket padding and the distributed optimizer's reshardable checkpoint disagree
+        # ("param range exceeds unpadded buffer ... padded with zeros"), and a run resumed
+        # from such a checkpoint trains on corrupted optimizer state (observed here: the
+        # loss after resuming differed by 0.3 from the uninterrupted run's).
+        raise RecipeError(
+            f"{recipe.where('parallel.overlap_param_gather')}: parallel.overlap_param_gather "
+            f"with {buckets} buckets writes checkpoints that megatron-core "
+            "0.16 cannot resume correctly (its distributed-optimizer bucket padding bug); "
+            "set parallel.overlap_param_gather=false (parallel.overlap_grad_reduce alone "
+            "is safe), or parallel.bucket_size at least the parameters per GPU "
+            f"({sum(x.numel() for x in module.parameters()):,}) for one bucket")
+    return ddp
+
+
+def sync_params(recipe: Recipe, ddp) -> None:
+    """Make every rank's parameters current. With ``parallel.overlap_param_gather`` the
+    optimizer step leaves the updated shards to be all-gathered during the next forward
+    pass; a checkpoint or a validation pass in between must not see the old values
+    (Megatron-LM's training loop does the same around saves and evaluation)."""
+    if recipe.parallel.overlap_param_gather:
+        ddp.disable_forward_pre_hook(param_sync=True)
+        ddp.enable_forward_pre_hook()
 
 
 def build_optimizer(recipe: Recipe, model_chunks: list, dtype: torch.dtype):
@@ -42,6 +69,9 @@ def build_optimizer(recipe: Recipe, model_chunks: list, dtype: torch.dtype):
         bf16=dtype == torch.bfloat16,
         params_dtype=dtype,
         use_distributed_optimizer=use_distributed_optimizer(recipe),
+        # The optimizer must know too: with it, step() leaves the all-gather to the
+        # forward pre-hooks of the next step instead of gathering at once.
+        overlap_param_gather=recipe.parallel.overlap_param_gather,
     )
     return get_megatron_optimizer(config, model_chunks)
 

@@ -24,7 +24,8 @@ from hcx.errors import MachineError
 
 @dataclass(frozen=True)
 class Topology:
-    """This process's place in the TP x PP x DP grid."""
+    """This process's place in the TP x CP x PP x DP grid (CP ranks of one DP rank read
+    the same micro-batches and each takes its part of every sequence)."""
 
     rank: int
     world_size: int
@@ -34,6 +35,8 @@ class Topology:
     tp: int
     pp: int
     dp: int
+    cp: int = 1
+    cp_rank: int = 0
 
     @property
     def is_first_stage(self) -> bool:
@@ -78,7 +81,8 @@ def initialize(parallel: ParallelConfig, seed: int, timeout_minutes: int = 30) -
     world = dist.get_world_size()
     if world != parallel.world_size:
         raise MachineError(
-            f"the recipe needs tp*pp*dp = {parallel.tp}*{parallel.pp}*{parallel.dp} = "
+            f"the recipe needs tp*pp*cp*dp = {parallel.tp}*{parallel.pp}*{parallel.cp}*"
+            f"{parallel.dp} = "
             f"{parallel.world_size} processes but {world} were started; set parallel.dp or "
             f"launch with --nproc-per-node {parallel.world_size}"
         )
@@ -86,6 +90,7 @@ def initialize(parallel: ParallelConfig, seed: int, timeout_minutes: int = 30) -
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=parallel.tp,
             pipeline_model_parallel_size=parallel.pp,
+            context_parallel_size=parallel.cp,
         )
     topo = Topology(
         rank=dist.get_rank(),
@@ -96,6 +101,8 @@ def initialize(parallel: ParallelConfig, seed: int, timeout_minutes: int = 30) -
         tp=parallel.tp,
         pp=parallel.pp,
         dp=parallel_state.get_data_parallel_world_size(),
+        cp=parallel.cp,
+        cp_rank=parallel_state.get_context_parallel_rank(),
     )
     # As Megatron-LM: each pipeline stage gets its own stream, TP ranks get distinct
     # model-parallel streams through the tracker (dropout inside TP regions).

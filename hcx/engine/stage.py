@@ -24,7 +24,7 @@ from hcx.config import Recipe, refuse
 from hcx.engine.checkpoint import tokenizer_bundle
 from hcx.engine.loop import (Engine, TrainingTask, build_engine, log_rank0, restore, train,
                              write_run_recipe)
-from hcx.engine.model import model_vocab_size
+from hcx.engine.model import check_machine, model_vocab_size
 from hcx.engine.parallel import Topology, initialize, shutdown
 from hcx.tokenizer.loading import Tokenizer, load_tokenizer
 
@@ -35,6 +35,9 @@ class Stage:
     name: str = ""
     section: str | None = None  # the recipe section this stage reads
     per_token_loss: bool = True  # megatron's calculate_per_token_loss (see build_engine)
+    # Context parallelism splits each sequence over parallel.cp ranks: a stage must cut
+    # its batches into those parts (hcx.engine.batches.context_parallel_part).
+    context_parallel: bool = False
 
     def rules(self, recipe: Recipe) -> list[tuple[str, str]]:
         """``(key, message)`` for every rule of this stage the recipe breaks."""
@@ -44,7 +47,13 @@ class Stage:
         """The recipe as this stage runs it, checked: its own section only (see
         :meth:`hcx.config.Recipe.for_stage`); raises RecipeError naming ``file:line``."""
         recipe = recipe.for_stage(self.section)
-        refuse(recipe, self.rules(recipe))
+        rules = self.rules(recipe)
+        if recipe.parallel.cp > 1 and not self.context_parallel:
+            rules.append(("parallel.cp", f"parallel.cp={recipe.parallel.cp}: context "
+                          f"parallelism is implemented for pretraining only, not for "
+                          f"{self.name or 'this stage'}; use parallel.cp=1 (and full "
+                          "recomputation for long sequences)"))
+        refuse(recipe, rules)
         return recipe
 
     def read(self, recipe: Recipe, tokenizer: Tokenizer, log: Callable[[str], None]) -> Any:
@@ -75,6 +84,7 @@ def run_stage(stage: Stage, recipe: Recipe) -> list[dict[str, Any]]:
     """Train ``recipe`` with ``stage`` in this process (one of the recipe's world size of
     processes: torchrun starts them). Returns the loop's per-step records."""
     recipe = stage.resolve(recipe)
+    check_machine(recipe)  # FP8 / context parallelism need CUDA and Transformer Engine
     tokenizer = load_tokenizer(recipe.data.tokenizer)
     # Its files, read with it (every process, before any collective can wait on a failure):
     # each checkpoint carries them, so it opens wherever it is moved.

@@ -154,8 +154,8 @@ def plan(recipe_path: str, overrides: list[str] | tuple[str, ...],
          options: LaunchOptions) -> Job:
     """Validate the recipe (with its overrides) for ``nodes x gpus_per_node`` processes.
 
-    The recipe's ``tp * pp * dp`` must equal the number of processes. When it does not and
-    ``parallel.dp`` was not given as an override, ``dp`` is derived (processes / (tp * pp))
+    The recipe's ``tp * pp * cp * dp`` must equal the number of processes. When it does not and
+    ``parallel.dp`` was not given as an override, ``dp`` is derived (processes / (tp * pp * cp))
     and added as the override ``parallel.dp=K``: the global batch stays the same, so the
     run trains the same way on more or fewer nodes. Raises RecipeError or LaunchError."""
     _check_options(options)
@@ -168,14 +168,15 @@ def plan(recipe_path: str, overrides: list[str] | tuple[str, ...],
     notes = []
     if p.world_size != world:
         dp_given = any(parse_override(o)[0] == ["parallel", "dp"] for o in overrides)
-        model_parallel = p.tp * p.pp
-        needs = (f"{recipe_path} needs parallel.tp * pp * dp = {p.tp} * {p.pp} * {p.dp} = "
-                 f"{p.world_size}")
+        model_parallel = p.tp * p.pp * p.cp
+        cp = (" * cp", f" * {p.cp}") if p.cp > 1 else ("", "")
+        needs = (f"{recipe_path} needs parallel.tp * pp{cp[0]} * dp = {p.tp} * {p.pp}{cp[1]} "
+                 f"* {p.dp} = {p.world_size}")
         if world % model_parallel:
             nodes = -(-model_parallel // options.gpus_per_node)
             raise LaunchError(
                 f"{cluster}, but {needs}: the number of processes must be a multiple of "
-                f"tp * pp = {model_parallel} (e.g. --nodes {nodes} with --gpus-per-node "
+                f"tp * pp{cp[0]} = {model_parallel} (e.g. --nodes {nodes} with --gpus-per-node "
                 f"{options.gpus_per_node}), or change parallel.tp/parallel.pp")
         dp = world // model_parallel
         if dp_given:
@@ -185,9 +186,10 @@ def plan(recipe_path: str, overrides: list[str] | tuple[str, ...],
         try:
             recipe = load_recipe(recipe_path, overrides)
         except RecipeError as e:
-            raise RecipeError(f"{cluster} gives parallel.dp={dp} (world / (tp * pp)), which "
+            raise RecipeError(f"{cluster} gives parallel.dp={dp} (world / (tp * pp{cp[0]})), which "
                               f"this recipe cannot use:\n{e}") from None
-        notes.append(f"parallel.dp={dp}: derived from {cluster} / (tp {p.tp} x pp {p.pp}); "
+        notes.append(f"parallel.dp={dp}: derived from {cluster} / (tp {p.tp} x pp {p.pp}"
+                     f"{f' x cp {p.cp}' if p.cp > 1 else ''}); "
                      f"the recipe says dp {p.dp}. Same global batch "
                      f"({recipe.train.global_batch_size} sequences), "
                      f"{recipe.num_microbatches} micro-batches per step")
@@ -330,7 +332,8 @@ def _header(job: Job, how: str) -> list[str]:
         f"# Written by hcx launch: job {job.name}, {o.nodes} node(s) x {o.gpus_per_node} GPUs, "
         f"{how}.",
         f"#   {cmd}",
-        f"# Layout: tp {p.tp} x pp {p.pp} x dp {p.dp} = {p.world_size} processes; "
+        f"# Layout: tp {p.tp} x pp {p.pp}{f' x cp {p.cp}' if p.cp > 1 else ''} x dp {p.dp} = "
+        f"{p.world_size} processes; "
         f"{r.num_microbatches} micro-batches of {r.train.micro_batch_size} x "
         f"{r.data.seq_length} tokens per step.",
         f"# Checkpoints: {ckpt} (a restart resumes from the newest).",

@@ -7,7 +7,7 @@ from functools import partial
 import torch
 
 from hcx.data.indexed import build_datasets, materialize_sources, stack_samples
-from hcx.engine.batches import rank_microbatches
+from hcx.engine.batches import context_parallel_part, rank_microbatches
 from hcx.engine.loop import Engine
 from hcx.engine.parallel import device
 from hcx.engine.stage import Stage
@@ -48,6 +48,10 @@ class PretrainTask:
 
     def forward_step(self, model, batch):
         dev = device()
+        topo = self.engine.topo
+        # Context parallelism: this rank's two chunks of every sequence (position ids
+        # included, so RoPE sees the true positions).
+        batch = context_parallel_part(batch, topo.cp, topo.cp_rank)
         tokens = batch["tokens"].to(dev, non_blocking=True)
         labels = batch["labels"].to(dev, non_blocking=True)
         output = model(tokens, batch["position_ids"].to(dev), None, labels=labels)
@@ -63,6 +67,7 @@ class PretrainTask:
 class PretrainStage(Stage):
     name = "pretrain"
     per_token_loss = False  # equal token counts per micro-batch: Megatron-LM's mean of means
+    context_parallel = True
 
     def read(self, recipe, tokenizer, log):
         # Before the process group exists: tokenizing a large raw source can take longer

@@ -80,7 +80,10 @@ def test_cluster_recipe_validates_and_its_layout_divides(path, capsys):
         assert m.rope_base > stage1.model.rope_base
         assert r.model.model_dump(exclude={"rope_base", "max_position_embeddings"}) == \
             stage1.model.model_dump(exclude={"rope_base", "max_position_embeddings"})
-        assert r.parallel == stage1.parallel and t.recompute
+        # Same GPUs and model parallelism; the planner's choice of context parallelism
+        # or recomputation for the 32k activations (docs/recipes.md).
+        assert r.parallel.world_size == stage1.parallel.world_size
+        assert (r.parallel.tp, r.parallel.pp) == (stage1.parallel.tp, stage1.parallel.pp)
         # an input: made absolute at load time, from the current directory (where stage 1's
         # output_dir put its run); the prepared data is an output path and stays as written
         assert r.checkpoint.init_from == str(Path.cwd() / "runs" / base / "checkpoints")

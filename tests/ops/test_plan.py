@@ -408,7 +408,7 @@ def test_cli_does_not_fit_names_part_and_fixes(capsys):
     code, out, _ = _cli(capsys, "plan", str(BENCH), "train.micro_batch_size=16", "--gpus", "1")
     assert code == 3, out
     assert "does not fit" in out and "largest part is activations" in out
-    assert "train.recompute=true" in out  # the first change that fits
+    assert "train.recompute=full" in out  # the first change that fits
 
 
 def test_cli_invalid_layout_and_bad_gpus(capsys):

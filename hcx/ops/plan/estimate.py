@@ -45,6 +45,7 @@ class Plan:
     layer_activation_bytes: float  # one layer, one micro-batch, no recomputation
     korthikanti_layer_bytes: float  # the same for their GPT layer of this shape
     korthikanti_selective_bytes: float  # ... without the attention scores
+    korthikanti_full_bytes: float = 0.0  # ... its input only (full recomputation)
     problems: list[str] = field(default_factory=list)  # the recipe/layout is invalid
     flags: list[str] = field(default_factory=list)  # warnings
     suggestions: list[str] = field(default_factory=list)
@@ -116,6 +117,7 @@ class Plan:
             "layer_activation_gib": gib(self.layer_activation_bytes),
             "korthikanti_layer_gib": gib(self.korthikanti_layer_bytes),
             "korthikanti_selective_layer_gib": gib(self.korthikanti_selective_bytes),
+            "korthikanti_full_layer_gib": gib(self.korthikanti_full_bytes),
             "stages": [_stage_dict(st) for st in self.stages],
             "problems": self.problems,
             "flags": self.flags,
@@ -161,12 +163,14 @@ def estimate(model: ModelConfig, layout: Layout, vocab_size: int, gpu: GpuSpec,
         attention_flops_per_token=12.0 * model.num_layers * model.hidden_size * s,
         tokens=tokens, tokens_from=tokens_from,
         layer_activation_bytes=layer_activation_bytes(model, layout),
-        korthikanti_layer_bytes=korthikanti_layer_bytes(
+        # Their layer at this shape, per GPU: a CP rank holds 1/cp of the tokens (and of
+        # the score matrix's rows).
+        **{key: korthikanti_layer_bytes(
             s, layout.micro_batch, model.hidden_size, model.num_attention_heads, layout.tp,
-            layout.sequence_parallel, selective=False),
-        korthikanti_selective_bytes=korthikanti_layer_bytes(
-            s, layout.micro_batch, model.hidden_size, model.num_attention_heads, layout.tp,
-            layout.sequence_parallel, selective=True),
+            layout.sequence_parallel, **kw) / layout.cp
+           for key, kw in (("korthikanti_layer_bytes", {}),
+                           ("korthikanti_selective_bytes", {"selective": True}),
+                           ("korthikanti_full_bytes", {"full": True}))},
         problems=problems,
     )
     _annotate(plan, model)
@@ -181,10 +185,20 @@ def _annotate(plan: Plan, model: ModelConfig) -> None:
                           "(model.transformer_impl=auto on a GPU with TE); "
                           "model.transformer_impl=local counts megatron's local layers, "
                           "which keep more")
-    if lo.recompute:
-        plan.notes.append("train.recompute=true: the backward pass runs each layer's "
+    if lo.recompute == "full":
+        plan.notes.append("train.recompute=full: the backward pass runs each layer's "
                           "forward again (about 4/3 of the compute), so expect a lower "
                           "MFU for the same hardware utilization")
+    elif lo.recompute == "selective":
+        plan.notes.append("train.recompute=selective recomputes core attention only "
+                          "(Korthikanti et al.): it saves the attention scores of unfused "
+                          "attention, but fused attention (TE, SDPA) never stores them, so "
+                          "here it saves only the softmax statistics")
+    if lo.cp > 1:
+        plan.notes.append(f"parallel.cp={lo.cp}: each GPU holds {lo.local_seq_length} of the "
+                          f"{lo.seq_length} tokens of a sequence (activations / cp) and the "
+                          f"distributed optimizer shards over dp x cp = {lo.dp * lo.cp}; "
+                          "K and V travel around the CP ring in every attention layer")
     if plan.problems:
         return
     if lo.tp > 1 and not lo.sequence_parallel:
@@ -215,14 +229,15 @@ def suggest_layouts(model: ModelConfig, layout: Layout, vocab_size: int, gpu: Gp
                     limit: int = 3) -> list[str]:
     """The smallest changes, on the same number of GPUs, that fit: first one setting
     at a time (recomputation, sequence parallelism, a smaller micro batch, the
-    distributed optimizer), then layouts with more TP (up to 8, one node) or PP, least
-    model parallelism and no recomputation first."""
+    distributed optimizer), then layouts with more TP (up to 8, one node), PP or CP
+    (context parallelism, with Transformer Engine's layers), least model parallelism and
+    no recomputation first."""
     from hcx.engine.model import padded_vocab_size
 
     n = layout.gpus
     single: list[tuple[str, Layout]] = []
-    if not layout.recompute:
-        single.append(("train.recompute=true", layout.replace(recompute=True)))
+    if layout.recompute != "full":
+        single.append(("train.recompute=full", layout.replace(recompute="full")))
     if layout.tp > 1 and not layout.sequence_parallel:
         single.append(("parallel.sequence_parallel=true",
                        layout.replace(sequence_parallel=True)))
@@ -232,23 +247,30 @@ def suggest_layouts(model: ModelConfig, layout: Layout, vocab_size: int, gpu: Gp
         single.append(("parallel.distributed_optimizer=true",
                        layout.replace(distributed_optimizer=True)))
     grid: list[tuple[tuple, str, Layout]] = []
+    cps = (1, 2, 4, 8) if layout.layer_impl == "fused" else (1,)  # CP needs TE attention
     for tp in (1, 2, 4, 8):
         for pp in [p for p in range(1, model.num_layers + 1) if model.num_layers % p == 0]:
-            if n % (tp * pp) or (tp, pp) == (layout.tp, layout.pp):
-                continue
-            for recompute in (False, True):
-                for mb in sorted({layout.micro_batch, 1}, reverse=True):
-                    cand = layout.replace(tp=tp, pp=pp, dp=n // (tp * pp),
-                                          sequence_parallel=tp > 1, recompute=recompute,
-                                          micro_batch=mb)
-                    keys = [f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.dp={n // (tp * pp)}"]
-                    if tp > 1:
-                        keys.append("parallel.sequence_parallel=true")
-                    if recompute != layout.recompute:
-                        keys.append(f"train.recompute={str(recompute).lower()}")
-                    if mb != layout.micro_batch:
-                        keys.append(f"train.micro_batch_size={mb}")
-                    grid.append(((tp * pp, recompute, -mb, pp), " ".join(keys), cand))
+            for cp in cps:
+                mp = tp * pp * cp
+                if n % mp or (tp, pp, cp) == (layout.tp, layout.pp, layout.cp):
+                    continue
+                for recompute in ("none", "full"):
+                    for mb in sorted({layout.micro_batch, 1}, reverse=True):
+                        cand = layout.replace(tp=tp, pp=pp, cp=cp, dp=n // mp,
+                                              sequence_parallel=tp > 1, recompute=recompute,
+                                              micro_batch=mb)
+                        keys = [f"parallel.tp={tp}", f"parallel.pp={pp}"]
+                        if cp != layout.cp:
+                            keys.append(f"parallel.cp={cp}")
+                        keys.append(f"parallel.dp={n // mp}")
+                        if tp > 1:
+                            keys.append("parallel.sequence_parallel=true")
+                        if recompute != layout.recompute:
+                            keys.append(f"train.recompute={recompute}")
+                        if mb != layout.micro_batch:
+                            keys.append(f"train.micro_batch_size={mb}")
+                        grid.append(((mp, recompute == "full", -mb, pp, cp), " ".join(keys),
+                                     cand))
     out = []
     for text, cand in single + [(t, c) for _, t, c in sorted(grid, key=lambda x: x[0])]:
         if layout_problems(model, cand):
@@ -297,7 +319,7 @@ def recipe_vocab_size(recipe: Recipe) -> int:
 def plan_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
                 gpus: int | None = None, gpu: GpuSpec | None = None, mfu: float = DEFAULT_MFU,
                 tokens: int | None = None) -> Plan:
-    """Load a recipe (``--gpus N`` sets ``parallel.dp = N / (tp * pp)``) and plan it.
+    """Load a recipe (``--gpus N`` sets ``parallel.dp = N / (tp * pp * cp)``) and plan it.
     Invalid combinations (heads or groups not divisible by TP, layers by PP, batch by
     micro batch x DP, ...) become ``Plan.problems`` with the recipe's own messages."""
     from hcx.config import layout_errors, origin_of
@@ -310,10 +332,11 @@ def plan_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
     if gpus is not None:
         if gpus <= 0:
             raise PlanError(f"--gpus must be positive, got {gpus}")
-        mp = recipe.parallel.tp * recipe.parallel.pp
+        p = recipe.parallel
+        mp = p.tp * p.pp * p.cp
         if gpus % mp:
-            raise PlanError(f"--gpus {gpus} is not divisible by parallel.tp * parallel.pp = "
-                            f"{recipe.parallel.tp} * {recipe.parallel.pp} = {mp}")
+            raise PlanError(f"--gpus {gpus} is not divisible by parallel.tp * parallel.pp * "
+                            f"parallel.cp = {p.tp} * {p.pp} * {p.cp} = {mp}")
         if gpus // mp != recipe.parallel.dp:
             notes.append(f"parallel.dp={gpus // mp} (from --gpus {gpus}; the recipe has "
                          f"{recipe.parallel.dp})")

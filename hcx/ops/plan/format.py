@@ -30,6 +30,14 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:.1f} minutes"
 
 
+def _recompute(lo) -> str:
+    if lo.recompute != "full":
+        return "off" if lo.recompute == "none" else "selective (core attention)"
+    method = lo.recompute_method or "uniform"
+    n = lo.recompute_num_layers or (1 if method == "uniform" else "all")
+    return f"full ({method}, {n} layer{'s' if n != 1 else ''})"
+
+
 def format_plan(plan: Plan) -> str:
     """The human-readable report."""
     lo, p, g = plan.layout, plan.params, plan.gpu
@@ -37,10 +45,11 @@ def format_plan(plan: Plan) -> str:
         f"hcx plan: {plan.recipe} on {lo.gpus} x {g.name} ({plan.peak_tflops:g} {lo.precision} "
         f"TFLOP/s peak, {g.memory_gib:g} GiB), MFU {plan.mfu:.0%}"
         + (" (default; --mfu)" if plan.mfu == DEFAULT_MFU else ""),
-        f"layout: tp={lo.tp} pp={lo.pp} dp={lo.dp}, sequence parallel "
+        f"layout: tp={lo.tp} pp={lo.pp}{f' cp={lo.cp}' if lo.cp > 1 else ''} dp={lo.dp}, "
+        "sequence parallel "
         f"{'on' if lo.sequence_parallel else 'off'}, distributed optimizer "
-        f"{'on' if lo.distributed_optimizer else 'off'}, recompute "
-        f"{'full' if lo.recompute else 'off'}, {lo.precision}",
+        f"{'on' if lo.distributed_optimizer else 'off'}, recompute {_recompute(lo)}, "
+        f"{lo.precision}",
         f"        micro batch {lo.micro_batch} x {lo.seq_length} tokens, global batch "
         f"{lo.global_batch} ({lo.num_microbatches} micro-batch"
         f"{'es' if lo.num_microbatches > 1 else ''} per DP rank per step)",
@@ -105,18 +114,21 @@ def format_plan(plan: Plan) -> str:
 def _memory_table(plan: Plan) -> str:
     lo = plan.layout
     shown = plan.stages if lo.pp <= 4 else [plan.stages[0], plan.stages[1], plan.stages[-1]]
-    per = state_bytes_per_parameter(lo.precision, lo.distributed_optimizer, lo.dp)
-    shard = f"/{lo.dp} DP" if lo.distributed_optimizer and lo.dp > 1 else "whole"
+    per = state_bytes_per_parameter(lo.precision, lo.distributed_optimizer, lo.dp * lo.cp)
+    shards = lo.dp * lo.cp
+    shard = (f"/{shards} DP{'xCP' if lo.cp > 1 else ''}" if lo.distributed_optimizer and shards > 1
+             else "whole")
     rows = [
         (f"weights ({lo.precision}, {per.weights:g} B/param)", lambda st: st.weights),
         (f"main weights (fp32, {shard})", lambda st: st.main_weights),
         ("gradients (fp32 DDP buffer)", lambda st: st.grads),
         (f"Adam moments (2 x fp32, {shard})", lambda st: st.moments),
-        (f"activations ({'full recompute' if lo.recompute else 'no recompute'})",
+        (f"activations (recompute {lo.recompute}{f', cp={lo.cp}' if lo.cp > 1 else ''})",
          lambda st: st.activations),
         ("total", lambda st: st.total),
         ("  activations without recompute", lambda st: st.activations_no_recompute),
-        ("  activations with full recompute", lambda st: st.activations_full_recompute),
+        ("  activations, selective recompute", lambda st: st.activations_selective_recompute),
+        ("  activations, full recompute", lambda st: st.activations_full_recompute),
         ("  micro-batches in flight (1F1B)", None),
     ]
     head = f"{'memory per GPU (GiB)':<40}" + "".join(
@@ -128,6 +140,7 @@ def _memory_table(plan: Plan) -> str:
         lines.append(f"  {label:<38}{cells}")
     lines.append(f"  one layer, one micro-batch: {plan.layer_activation_bytes / GIB:.3f} GiB; "
                  f"Korthikanti et al.'s GPT layer of this shape: "
-                 f"{plan.korthikanti_selective_bytes / GIB:.3f} GiB with selective "
-                 f"recomputation, {plan.korthikanti_layer_bytes / GIB:.3f} without")
+                 f"{plan.korthikanti_layer_bytes / GIB:.3f} GiB without recomputation, "
+                 f"{plan.korthikanti_selective_bytes / GIB:.3f} selective, "
+                 f"{plan.korthikanti_full_bytes / GIB:.3f} full")
     return "\n".join(lines)

@@ -10,6 +10,7 @@ from hcx.config import ModelConfig, Recipe
 from hcx.errors import HcxError
 
 LayerImpl = Literal["fused", "local"]
+Recompute = Literal["none", "selective", "full"]
 
 
 class PlanError(HcxError, ValueError):
@@ -68,16 +69,34 @@ class Layout:
     dp: int
     sequence_parallel: bool
     distributed_optimizer: bool
-    recompute: bool
+    recompute: Recompute  # a bool is read as full (True) or none (False)
     micro_batch: int
     global_batch: int
     seq_length: int
     precision: Literal["bf16", "fp32"]
     layer_impl: LayerImpl
+    cp: int = 1
+    recompute_method: Literal["uniform", "block"] | None = None  # full: None = uniform
+    recompute_num_layers: int | None = None  # full: None = 1 (uniform) or all (block)
+
+    def __post_init__(self):
+        if isinstance(self.recompute, bool):
+            object.__setattr__(self, "recompute", "full" if self.recompute else "none")
 
     @property
     def gpus(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.tp * self.pp * self.cp * self.dp
+
+    @property
+    def local_seq_length(self) -> int:
+        """Tokens of each sequence one GPU holds: context parallelism splits it over cp."""
+        return self.seq_length // self.cp
+
+    @property
+    def optimizer_shards(self) -> int:
+        """Ranks the distributed optimizer shards its state over: megatron's data-parallel
+        group with context parallelism (dp x cp); 1 without the distributed optimizer."""
+        return self.dp * self.cp if self.distributed_optimizer else 1
 
     @property
     def num_microbatches(self) -> int:
@@ -101,7 +120,8 @@ def layout_from_recipe(recipe: Recipe) -> Layout:
     p, t = recipe.parallel, recipe.train
     return Layout(
         tp=p.tp, pp=p.pp, dp=p.dp, sequence_parallel=p.sequence_parallel,
-        distributed_optimizer=p.distributed_optimizer, recompute=t.recompute,
+        distributed_optimizer=p.distributed_optimizer, recompute=t.recompute, cp=p.cp,
+        recompute_method=t.recompute_method, recompute_num_layers=t.recompute_num_layers,
         micro_batch=t.micro_batch_size, global_batch=t.global_batch_size,
         seq_length=recipe.data.seq_length,
         precision="fp32" if t.precision == "fp32" else "bf16",
@@ -129,5 +149,10 @@ def layout_problems(model: ModelConfig, layout: Layout) -> list[str]:
         (not (lo.sequence_parallel and lo.seq_length % lo.tp),
          f"data.seq_length={lo.seq_length} is not divisible by parallel.tp={lo.tp} "
          "(sequence parallelism)"),
+        (lo.cp == 1 or lo.seq_length % (2 * lo.cp * (lo.tp if lo.sequence_parallel else 1)) == 0,
+         f"data.seq_length={lo.seq_length} is not divisible by 2 x parallel.cp"
+         f"{' x parallel.tp' if lo.sequence_parallel else ''} (context parallelism)"),
+        (lo.cp == 1 or lo.layer_impl == "fused",
+         "parallel.cp > 1 needs Transformer Engine's attention (not local layers)"),
     ]
     return [msg for ok, msg in checks if not ok]

@@ -114,11 +114,15 @@ def state_bytes_per_parameter(precision: str, distributed_optimizer: bool, dp: i
 
 
 def korthikanti_layer_bytes(s: int, b: int, h: int, a: int, t: int = 1,
-                            sequence_parallel: bool = False, selective: bool = False) -> float:
+                            sequence_parallel: bool = False, selective: bool = False,
+                            full: bool = False) -> float:
     """Korthikanti et al. 2022, Sec. 4 (Table 2), their GPT layer (4h GeLU MLP,
     dropout, 16-bit activations): ``s*b*h*(34 + 5*a*s/h)`` bytes per layer; with TP
     alone ``s*b*h*(10 + 24/t + 5*a*s/(h*t))``; with TP + SP everything over t;
-    selective recomputation drops the ``5*a*s/h`` term (attention scores)."""
+    selective recomputation drops the ``5*a*s/h`` term (attention scores); full
+    recomputation keeps only the layer's input, ``2*s*b*h`` (over t with SP)."""
+    if full:
+        return 2.0 * s * b * h / (t if sequence_parallel else 1)
     scores = 0.0 if selective else 5.0 * a * s / h
     if sequence_parallel:
         return s * b * h * (34.0 + scores) / t
@@ -128,7 +132,8 @@ def korthikanti_layer_bytes(s: int, b: int, h: int, a: int, t: int = 1,
 def fused_layer_activation_bytes(model: ModelConfig, s: int, b: int, t: int,
                                  sequence_parallel: bool, bytes_per_value: int, *,
                                  gated: bool = True, dropout: bool = False,
-                                 attention_scores: bool = False) -> float:
+                                 attention_scores: bool = False,
+                                 selective: bool = False) -> float:
     """Activations one transformer layer keeps for its backward pass, counted as
     Korthikanti et al. count them, for a fused implementation (Transformer Engine:
     norm + linear and norm + MLP modules, flash/cuDNN attention). Per token, in values
@@ -148,6 +153,11 @@ def fused_layer_activation_bytes(model: ModelConfig, s: int, b: int, t: int,
     f = 4h, B = 2) gives back their ``34 + 5*a*s/h`` (tests/ops/test_plan.py checks it).
     hcx (no dropout; SDPA or TE attention never stores the scores) is at their
     "selective recomputation" point without recomputing anything.
+
+    ``selective`` (megatron's core-attention recomputation): what the attention kernel
+    keeps besides its inputs and output is dropped: the scores (with
+    ``attention_scores``) or the softmax statistics (``4a/t`` bytes per token, the only
+    saving for fused attention). Q, K and V stay: the checkpoint keeps them as inputs.
     """
     h, f, a = model.hidden_size, model.ffn_hidden_size, model.num_attention_heads
     kv = model.query_groups * (h // a)
@@ -156,7 +166,9 @@ def fused_layer_activation_bytes(model: ModelConfig, s: int, b: int, t: int,
     replicated = B * 4 * h + (2 if dropout else 0) * h
     fc1_out = 2 * f if gated else f
     split = B * (h + 2 * kv + h + fc1_out + f)
-    if attention_scores:
+    if selective:
+        pass  # recomputed in the backward pass
+    elif attention_scores:
         split += (2 * B + (1 if dropout else 0)) * a * s
     else:
         split += 4 * a
@@ -164,7 +176,8 @@ def fused_layer_activation_bytes(model: ModelConfig, s: int, b: int, t: int,
 
 
 def local_layer_activation_bytes(model: ModelConfig, s: int, b: int, t: int,
-                                 sequence_parallel: bool, bytes_per_value: int) -> float:
+                                 sequence_parallel: bool, bytes_per_value: int,
+                                 selective: bool = False) -> float:
     """What megatron-core 0.16's local layers (hcx's spec on CPUs and on GPUs without
     Transformer Engine: ``hcx.engine.model.RMSNorm``, ``SDPAttention``, megatron's MLP) keep
     for backward in eager PyTorch, counted by storage (tests/ops/test_plan.py measures it
@@ -180,6 +193,13 @@ def local_layer_activation_bytes(model: ModelConfig, s: int, b: int, t: int,
     - SwiGLU, split by TP: fc1's output ``2f``, ``silu(gate)``, ``up + offset``
       (megatron's ``glu_linear_offset`` makes a copy) and their product: ``5f``;
     - RoPE's cos and sin for Q and K: ``4*s*d`` values per layer (not per token).
+
+    ``selective`` (megatron's core-attention recomputation, measured the same way): the
+    checkpoint keeps the attention's inputs Q and K after RoPE (``h + kv``) and V, a view
+    of the fused QKV output that keeps all of it alive (``h + 2kv``); the output
+    projection keeps the output (``h``); the logsumexp and SDPA's expanded K and V go.
+    ``3h + 3kv`` against ``4h`` with GQA: *more* than without recomputation when
+    ``kv > h/3``; MHA: ``4h + 2kv`` as before, less the logsumexp.
     """
     h, f, a = model.hidden_size, model.ffn_hidden_size, model.num_attention_heads
     d = h // a
@@ -187,25 +207,30 @@ def local_layer_activation_bytes(model: ModelConfig, s: int, b: int, t: int,
     B = bytes_per_value
     sp = t if sequence_parallel else 1
     norms = 2 * (3 * h * B + 4)
-    attention = 4 * h * B if model.query_groups < a else (4 * h + 2 * kv) * B
-    split = attention + 4 * a + 5 * f * B
+    if selective:
+        attention = (3 * h + 3 * kv) * B if model.query_groups < a else (4 * h + 2 * kv) * B
+    else:
+        attention = (4 * h * B if model.query_groups < a else (4 * h + 2 * kv) * B) + 4 * a
+    split = attention + 5 * f * B
     return s * b * (norms / sp + split / t) + 4 * s * d * B
 
 
-def layer_activation_bytes(model: ModelConfig, layout: Layout) -> float:
-    """One layer, one micro-batch, no recomputation, for the layout's implementation."""
-    args = (model, layout.seq_length, layout.micro_batch, layout.tp,
+def layer_activation_bytes(model: ModelConfig, layout: Layout, selective: bool = False) -> float:
+    """One layer, one micro-batch, for the layout's implementation: nothing recomputed,
+    or (``selective``) core attention recomputed. With context parallelism each GPU
+    holds ``seq_length / cp`` tokens of every sequence, so everything is over cp."""
+    args = (model, layout.local_seq_length, layout.micro_batch, layout.tp,
             layout.sequence_parallel, layout.bytes_per_value)
     if layout.layer_impl == "local":
-        return local_layer_activation_bytes(*args)
-    return fused_layer_activation_bytes(*args)
+        return local_layer_activation_bytes(*args, selective=selective)
+    return fused_layer_activation_bytes(*args, selective=selective)
 
 
 def layer_input_bytes(model: ModelConfig, layout: Layout) -> float:
     """What full recomputation keeps of a layer: its input (``2*s*b*h`` in bf16, over t
     with sequence parallelism; Korthikanti et al. Sec. 4.2)."""
     sp = layout.tp if layout.sequence_parallel else 1
-    return layout.seq_length * layout.micro_batch * model.hidden_size * \
+    return layout.local_seq_length * layout.micro_batch * model.hidden_size * \
         layout.bytes_per_value / sp
 
 
@@ -222,13 +247,13 @@ def output_activation_bytes(model: ModelConfig, padded_vocab: int, layout: Layou
     per_token = norm / sp + 4 * padded_vocab / layout.tp + 9
     if transient and B < 4:
         per_token += B * padded_vocab / layout.tp
-    return layout.seq_length * layout.micro_batch * per_token
+    return layout.local_seq_length * layout.micro_batch * per_token
 
 
 def input_activation_bytes(layout: Layout) -> float:
     """The first stage's embedding keeps its int64 token ids (8 bytes per token) and,
     split over TP, a bool mask of the ids outside this rank's vocabulary range (1)."""
-    return layout.seq_length * layout.micro_batch * (8.0 + (1.0 if layout.tp > 1 else 0.0))
+    return layout.local_seq_length * layout.micro_batch * (8.0 + (1.0 if layout.tp > 1 else 0.0))
 
 
 def microbatches_in_flight(pp: int, stage: int, num_microbatches: int) -> int:
@@ -256,7 +281,8 @@ class StageEstimate:
     moments: float
     activations: float  # with the layout's recomputation setting
     activations_no_recompute: float
-    activations_full_recompute: float
+    activations_full_recompute: float  # the layout's method and layers (default: uniform, 1)
+    activations_selective_recompute: float = 0.0
 
     @property
     def total(self) -> float:
@@ -269,20 +295,40 @@ class StageEstimate:
 
 
 def stage_activation_bytes(model: ModelConfig, padded_vocab: int, layout: Layout,
-                           stage: int, recompute: bool) -> float:
+                           stage: int, recompute: str | bool) -> float:
     """Activations one GPU of ``stage`` holds at its peak: ``in_flight`` micro-batches of
-    its layers (each whole, or only its input under full recomputation, plus one layer
-    rebuilt during the backward pass), the embedding's token ids on the first stage, the
-    output layer and loss on the last (one micro-batch: the last stage has one in flight)."""
+    its layers, the embedding's token ids on the first stage, the output layer and loss
+    on the last (one micro-batch: the last stage has one in flight). Per layer, by
+    ``recompute`` (``train.recompute``; a bool is full/none), as Korthikanti et al.:
+
+    - ``none``: everything a layer keeps; ``selective``: the same with core attention
+      recomputed (:func:`layer_activation_bytes`);
+    - ``full``, method ``uniform`` with N layers per chunk: each chunk's input (and
+      RoPE's fp32 table, an input of every checkpointed chunk, kept once), plus one chunk
+      of N layers rebuilt during the backward pass; method ``block`` with N layers: the
+      first N layers keep their input, the others everything, plus one layer rebuilt."""
+    if isinstance(recompute, bool):
+        recompute = "full" if recompute else "none"
     layers = model.num_layers // layout.pp
     n = microbatches_in_flight(layout.pp, stage, layout.num_microbatches)
-    full = layer_activation_bytes(model, layout)
-    if recompute:  # + RoPE's fp32 table, an input of every checkpointed layer (kept once)
-        per_mb = layers * layer_input_bytes(model, layout) + \
-            4.0 * layout.seq_length * (model.hidden_size // model.num_attention_heads)
-        working = full
+    whole = layer_activation_bytes(model, layout)
+    working = 0.0
+    if recompute == "full":
+        method = layout.recompute_method or "uniform"
+        rope = 4.0 * layout.local_seq_length * (model.hidden_size // model.num_attention_heads)
+        if method == "uniform":
+            chunk = min(layout.recompute_num_layers or 1, layers)
+            per_mb = -(-layers // chunk) * layer_input_bytes(model, layout) + rope
+            working = chunk * whole
+        else:
+            kept = min(layout.recompute_num_layers or layers, layers)
+            per_mb = kept * layer_input_bytes(model, layout) + (layers - kept) * whole + \
+                (rope if kept else 0.0)
+            working = whole if kept else 0.0
+    elif recompute == "selective":
+        per_mb = layers * layer_activation_bytes(model, layout, selective=True)
     else:
-        per_mb, working = layers * full, 0.0
+        per_mb = layers * whole
     if stage == 0:
         per_mb += input_activation_bytes(layout)
     act = n * per_mb + working
@@ -294,12 +340,16 @@ def stage_activation_bytes(model: ModelConfig, padded_vocab: int, layout: Layout
 def estimate_stage(model: ModelConfig, counts: ParamCounts, padded_vocab: int,
                    layout: Layout, stage: int) -> StageEstimate:
     params = stage_parameters(counts, model.tie_embeddings, layout.tp, layout.pp, stage)
-    per = state_bytes_per_parameter(layout.precision, layout.distributed_optimizer, layout.dp)
-    act = {r: stage_activation_bytes(model, padded_vocab, layout, stage, r) for r in (False, True)}
+    # The distributed optimizer shards over dp x cp (megatron's data-parallel group with
+    # context parallelism): context parallelism also divides the optimizer state.
+    per = state_bytes_per_parameter(layout.precision, layout.distributed_optimizer,
+                                    layout.dp * layout.cp)
+    act = {r: stage_activation_bytes(model, padded_vocab, layout, stage, r)
+           for r in ("none", "selective", "full")}
     return StageEstimate(
         stage=stage, layers=model.num_layers // layout.pp, params=params,
         microbatches_in_flight=microbatches_in_flight(layout.pp, stage, layout.num_microbatches),
         weights=params * per.weights, main_weights=params * per.main_weights,
         grads=params * per.grads, moments=params * per.moments,
-        activations=act[layout.recompute], activations_no_recompute=act[False],
-        activations_full_recompute=act[True])
+        activations=act[layout.recompute], activations_no_recompute=act["none"],
+        activations_full_recompute=act["full"], activations_selective_recompute=act["selective"])
