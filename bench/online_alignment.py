@@ -73,11 +73,12 @@ def load_prompts(n_train: int, n_eval: int, seed: int) -> tuple[list[str], list[
     return texts[:n_train], texts[n_train:n_train + n_eval]
 
 
-def recipe(out: Path, sft: Path, method: str, prompts: Path, steps: int, **align) -> Path:
+def recipe(out: Path, sft: Path, method: str, prompts: Path, steps: int, lr: float,
+           **align) -> Path:
     """A recipe for ``method`` on the SFT checkpoint (its own model and tokenizer)."""
     online = {"reward": REWARD, "prompts_field": "prompt", "max_new_tokens": 24,
               "temperature": 1.0, **align.pop("online", {})}
-    train = {"steps": steps, "lr": 1e-3, "min_lr": 1e-3, "warmup_steps": 0,
+    train = {"steps": steps, "lr": lr, "min_lr": lr, "warmup_steps": 0,
              "decay_style": "constant", **align.pop("train", {})}
     data = {"base": str(ROOT / "recipes/tiny-sft.yaml"), "name": f"bench-{method}",
             "output_dir": str(out / method),
@@ -168,12 +169,13 @@ class Measure:
         self.load(self.sft)
         sft_logps = self.logps(samples)
         rewards = self.rewards(samples)
-        flat = [r for g in rewards for r in g]
-        mean = sum(flat) / len(flat)
-        sd = math.sqrt(sum((r - mean) ** 2 for r in flat) / max(len(flat) - 1, 1))
-        kl = sum(p - q for p, q in zip(policy_logps, sft_logps)) / len(flat)
-        return {"reward": mean, "reward_se": sd / math.sqrt(len(flat)), "kl": kl,
-                "distinct2": distinct2(samples), "per_prompt": [sum(g) / len(g) for g in rewards]}
+        per_prompt = [sum(g) / len(g) for g in rewards]
+        mean = sum(per_prompt) / len(per_prompt)
+        # samples of one prompt are correlated: the standard error is over prompt means
+        sd = math.sqrt(sum((r - mean) ** 2 for r in per_prompt) / max(len(per_prompt) - 1, 1))
+        kl = sum(p - q for p, q in zip(policy_logps, sft_logps)) / len(policy_logps)
+        return {"reward": mean, "reward_se": sd / math.sqrt(len(per_prompt)), "kl": kl,
+                "distinct2": distinct2(samples), "per_prompt": per_prompt}
 
     def best_of(self, ns: list[int]) -> dict[int, float]:
         """Best-of-N from the SFT model: the mean over prompts of the best of N samples'
@@ -207,6 +209,7 @@ def main() -> None:
     ap.add_argument("--sft", type=Path, required=True, help="the SFT checkpoints directory")
     ap.add_argument("--out", type=Path, default=ROOT / "runs/bench-online")
     ap.add_argument("--steps", type=int, default=20, help="optimizer steps of each method")
+    ap.add_argument("--lr", type=float, default=5e-4, help="every method's (constant) rate")
     ap.add_argument("--eval-prompts", type=int, default=32)
     ap.add_argument("--samples", type=int, default=4, help="samples per held-out prompt")
     ap.add_argument("--seed", type=int, default=1234)
@@ -221,17 +224,18 @@ def main() -> None:
     prompts = write_prompts(out / "prompts.jsonl", train_prompts)
 
     runs = {
-        "grpo": recipe(out, sft, "grpo", prompts, args.steps,
+        "grpo": recipe(out, sft, "grpo", prompts, args.steps, args.lr,
                        online={"samples_per_prompt": 4, "beta": 0.04},
                        train={"global_batch_size": 16, "micro_batch_size": 8}),
-        "self_judge": recipe(out, sft, "self_judge", prompts, args.steps,
+        "self_judge": recipe(out, sft, "self_judge", prompts, args.steps, args.lr,
                              self_judge={"judge": "reward"}, beta=0.1,
                              train={"global_batch_size": 8, "micro_batch_size": 8}),
-        "jbond": recipe(out, sft, "jbond", prompts, args.steps * 2, jbond={"eta": 0.1},
+        "jbond": recipe(out, sft, "jbond", prompts, args.steps * 2, args.lr, jbond={"eta": 0.1},
                         train={"global_batch_size": 8, "micro_batch_size": 8}),
     }
-    runs["jbond"].write_text(runs["jbond"].read_text().replace("save_every: 0",
-                                                               f"save_every: {args.steps // 2}"))
+    text = runs["jbond"].read_text().replace("save_every: 0",
+                                             f"save_every: {args.steps // 2}\n  keep_last: 100")
+    runs["jbond"].write_text(text)
     for method, path in runs.items():
         if not (out / method / "checkpoints" / "latest").exists():
             print(f"training {method} ...", flush=True)
@@ -252,7 +256,8 @@ def main() -> None:
                  "sources": [{"name": "feedback", "path": str(pairs)}]},
         "align": {"method": "dpo", "beta": 0.1, "reference_logps": "live", "held_out": 0},
         "train": {"steps": args.steps, "global_batch_size": 4, "micro_batch_size": 4,
-                  "lr": 1e-3, "min_lr": 1e-3, "warmup_steps": 0, "decay_style": "constant"},
+                  "lr": args.lr, "min_lr": args.lr, "warmup_steps": 0,
+                  "decay_style": "constant"},
         "checkpoint": {"init_from": str(sft), "save_every": 0}, "logging": {"progress": False}}))
     if not (out / "dpo" / "checkpoints" / "latest").exists():
         print("training dpo ...", flush=True)
@@ -263,8 +268,8 @@ def main() -> None:
     for method in ("grpo", "dpo", "self_judge", "jbond"):
         results[method] = measure.policy(out / method / "checkpoints")
     base = results["sft"]["per_prompt"]
-    print(f"\n### Same prompts and budget ({budget} training completions, {args.steps} steps; "
-          f"J-BOND {args.steps * 2} steps of 8 prompts x 3 samples)\n")
+    print(f"\n### Same prompts ({budget} training completions in {args.steps} steps each; "
+          f"J-BOND: {args.steps * 2} steps of 8 prompts x 3 samples = {args.steps * 48})\n")
     print("| policy | reward (± s.e.) | win rate vs SFT | KL(pi ‖ SFT) | distinct-2 |")
     print("|---|---|---|---|---|")
     for name, r in results.items():
@@ -286,6 +291,19 @@ def main() -> None:
     for r in curve:
         print(f"| J-BOND step {r['step']} | {r['reward']:.3f} ± {r['reward_se']:.3f} | "
               f"{r['kl']:.2f} |")
+    # the training run's own per-step figures (its prompts), averaged over windows
+    logged = [json.loads(line) for line in (out / "jbond/metrics.jsonl").read_text().splitlines()]
+    window = max(len(logged) // 4, 1)
+    print("\nJ-BOND during training (policy samples' reward, k1 KL to the SFT model), "
+          f"means over {window} steps:\n")
+    print("| steps | reward | KL(pi ‖ SFT) |")
+    print("|---|---|---|")
+    for k in range(0, len(logged), window):
+        part = logged[k:k + window]
+        print(f"| {part[0]['step']}-{part[-1]['step']} | "
+              f"{sum(r['reward'] for r in part) / len(part):.3f} | "
+              f"{sum(r['jbond/kl_ref'] for r in part) / len(part):.3f} |")
+    results["jbond_logged"] = logged
     (out / "results.json").write_text(json.dumps(results, indent=1))
 
 
