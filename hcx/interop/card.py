@@ -70,7 +70,7 @@ def model_card(recipe: Recipe, ckpt: Path, config: dict, scores: dict | None) ->
             ("family", m.family), ("layers", m.num_layers), ("hidden size", m.hidden_size),
             ("FFN size", m.ffn_hidden_size), ("attention heads", m.num_attention_heads),
             ("key/value groups", m.query_groups), ("head size", m.kv_channels),
-            ("vocabulary (padded)", config.get("vocab_size")),
+            ("vocabulary", config.get("vocab_size")),
             ("context", m.max_position_embeddings), ("RoPE base", m.rope_base),
             ("RoPE scaling", m.rope_scaling.model_dump() if m.rope_scaling else "none"),
             ("QKV biases", m.qkv_bias), ("QK-norm", m.qk_norm),

@@ -233,15 +233,18 @@ def hf_config(recipe: Recipe, vocab_size: int, tokenizer, dtype: torch.dtype) ->
 
 
 def generation_config(tokenizer) -> dict:
-    """transformers' generate stops at any of ``eos_token_id``: the end of document and,
-    for an hcx chat tokenizer, the end of an assistant turn (as Llama 3 lists both), so
-    hcx's and transformers' generations end at the same tokens."""
-    from hcx.tokenizer.special_tokens import END_OF_TURN
+    """transformers' generate stops at any of ``eos_token_id``: the end of document and
+    the end of an assistant turn (hcx's ``<|endofturn|>``, or an imported tokenizer's
+    chat template's, as Llama 3 lists both), so hcx's and transformers' generations end
+    at the same tokens."""
+    from hcx.engine.generate import chat_stop_ids
+    from hcx.tokenizer.chat import ChatError
 
     eos = [tokenizer.eod]
-    turn = tokenizer.special_id(END_OF_TURN)
-    if turn is not None and turn not in eos:
-        eos.append(turn)
+    try:
+        eos += [i for i in chat_stop_ids(tokenizer) if i not in eos]
+    except ChatError:  # no chat markers and no template: documents only
+        pass
     return {"bos_token_id": tokenizer.special_id("<s>"), "eos_token_id": eos,
             "pad_token_id": tokenizer.pad}
 
@@ -281,7 +284,7 @@ def read_checkpoint(ckpt: Path, log=print) -> HfWeights:
 # (``decoder.layers.<name>``: [num_layers, ...]).
 EMBEDDING, FINAL_NORM, OUTPUT = ("embedding.word_embeddings.weight",
                                  "decoder.final_layernorm.weight", "output_layer.weight")
-LAYERS = "decoder.layers."
+LAYERS, OPTIMIZER = "decoder.layers.", "optimizer."
 
 
 def stream_hf_tensors(reader, model: ModelConfig,
@@ -292,7 +295,8 @@ def stream_hf_tensors(reader, model: ModelConfig,
     embedding and output layer keep their first ``vocab`` rows."""
     layer_keys = [k for k in reader.tensors if k.startswith(LAYERS)]
     known = {EMBEDDING, FINAL_NORM, *layer_keys} | (set() if model.tie_embeddings else {OUTPUT})
-    unknown = sorted(set(reader.tensors) - known)
+    # a training checkpoint also holds the optimizer's state, under its own keys
+    unknown = sorted(k for k in set(reader.tensors) - known if not k.startswith(OPTIMIZER))
     if unknown:
         raise InteropError(f"{reader.path}: tensors a {model.family} model has no place for: "
                            f"{', '.join(unknown[:5])}")

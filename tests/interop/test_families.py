@@ -364,3 +364,28 @@ def test_a_bad_shard_size_is_named(tmp_path, imported):
     _, _, out, _ = imported("qwen2")
     with pytest.raises(ShardError, match=re.escape("--max-shard-size '5 parsecs'")):
         export_hf(out / "checkpoint", tmp_path / "hf", max_shard_size="5 parsecs")
+
+
+def test_model_card_carries_the_eval_runs_scores(tmp_path, imported):
+    from hcx.interop.hf import export_hf
+
+    _, _, out, _ = imported("qwen2")
+    run = tmp_path / "eval"
+    run.mkdir()
+    (run / "scores.json").write_text(json.dumps({"created": "2026-12-03T00:00:00Z", "tasks": {
+        "kobest_boolq": {"primary": "acc", "metrics": {"acc": {"value": 0.625, "stderr": 0.02},
+                                                       "acc_norm": {"value": 0.5}}},
+        "gsm8k": {"primary": "exact_match", "metrics": {"exact_match": {"value": None}}}}}))
+    export_hf(out / "checkpoint", tmp_path / "hf", log=lambda *a: None, eval_run=run)
+    card = (tmp_path / "hf" / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    (entry,) = front["model-index"]
+    assert entry["results"] == [{"task": {"type": "text-generation"},
+                                 "dataset": {"name": "kobest_boolq", "type": "kobest_boolq"},
+                                 "metrics": [{"type": "acc", "name": "acc", "value": 0.625},
+                                             {"type": "acc_norm", "name": "acc_norm",
+                                              "value": 0.5}]}]
+    assert "| kobest_boolq | acc | 0.6250 |" in card and "| gsm8k | exact_match | n/a |" in card
+    assert "Qwen2ForCausalLM" in card and "## Recipe" in card
+    with pytest.raises(Exception, match=re.escape(f"--eval {tmp_path}: not an 'hcx eval' run")):
+        export_hf(out / "checkpoint", tmp_path / "hf2", eval_run=tmp_path)
