@@ -38,7 +38,8 @@ def _offline() -> bool:
 def check_reachable(repo: str) -> None:
     """Refuse, saying why, a push that cannot happen: a malformed repository name, offline
     mode (``HF_HUB_OFFLINE``), or an endpoint that does not answer."""
-    import httpx
+    from urllib.error import HTTPError, URLError
+    from urllib.request import Request, urlopen
 
     if not REPO_ID.match(repo):
         raise HubError(f"--push-to-hub {repo!r}: a Hub repository is OWNER/NAME")
@@ -47,9 +48,11 @@ def check_reachable(repo: str) -> None:
                        "reachable from here; export without --push-to-hub and upload the "
                        "directory from a connected machine (huggingface-cli upload REPO DIR)")
     endpoint = _endpoint()
-    try:
-        httpx.head(f"{endpoint}/api/models/{repo}", timeout=TIMEOUT_S)  # any answer will do
-    except httpx.HTTPError as e:
+    try:  # any HTTP answer (404 for a repository to create, 401, ...) will do
+        urlopen(Request(f"{endpoint}/api/models/{repo}", method="HEAD"), timeout=TIMEOUT_S).close()
+    except HTTPError:
+        pass
+    except (URLError, OSError) as e:
         raise HubError(f"--push-to-hub {repo}: the Hub at {endpoint} is not reachable "
                        f"({type(e).__name__}: {e}); export without --push-to-hub and upload "
                        "the directory later (huggingface-cli upload REPO DIR)") from None
@@ -58,7 +61,7 @@ def check_reachable(repo: str) -> None:
 def push(directory: Path, repo: str, log=print) -> str:
     """Create ``repo`` if needed and upload ``directory`` as one commit; its URL."""
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.utils import HfHubHTTPError
 
     api = HfApi(endpoint=_endpoint())
     try:

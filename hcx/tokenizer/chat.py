@@ -60,12 +60,11 @@ def render_chat(messages: list[dict], tokenizer: Tokenizer,
     _check(messages)
     try:
         markers = marker_ids(tokenizer)
-    except ChatError:
+    except ChatError as e:
         template = template_tokenizer(tokenizer)
         if template is None:
-            raise ChatError(f"tokenizer {tokenizer.name} has neither hcx's chat markers "
-                            "(hcx tokenizer train) nor a chat template (a Hugging Face "
-                            "tokenizer_config.json chat_template or chat_template.jinja)") from None
+            raise ChatError(f"{e}, or a Hugging Face tokenizer with a chat template "
+                            "(tokenizer_config.json chat_template or chat_template.jinja)") from None
         return template_chat(messages, template, add_generation_prompt)
     ids: list[int] = []
     assistant: list[bool] = []

@@ -69,5 +69,7 @@ def test_a_tokenizer_with_neither_markers_nor_template_is_refused(tmp_path, chat
     directory = tmp_path / "bare"
     directory.mkdir()
     (directory / "tokenizer.json").write_bytes((tmp_path / "tokenizer.json").read_bytes())
-    with pytest.raises(ChatError, match="neither hcx's chat markers .* nor a chat template"):
+    with pytest.raises(ChatError, match=r"has no <\|system\|>.*: chat needs an hcx tokenizer "
+                                        r"\(hcx tokenizer train\), or a Hugging Face tokenizer "
+                                        "with a chat template"):
         render_chat([{"role": "user", "content": "hi"}], open_tokenizer(str(directory)))
