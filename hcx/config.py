@@ -34,8 +34,31 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class RopeScaling(Strict):
+    """RoPE frequency scaling for long contexts: Llama 3.1's ``llama3`` rule (the one
+    megatron-core's ``rope_scaling`` implements; here with all four of its parameters)."""
+
+    type: Literal["llama3"] = "llama3"
+    factor: float = Field(gt=0)
+    low_freq_factor: float = Field(default=1.0, gt=0)
+    high_freq_factor: float = Field(default=4.0, gt=0)
+    original_max_position_embeddings: int = Field(default=8192, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError("high_freq_factor must be above low_freq_factor")
+        return self
+
+
+# Hugging Face architectures a checkpoint can come from and 'hcx export' writes
+# (hcx.interop.families); "hcx" is a model trained here (exported as Llama).
+MODEL_FAMILIES = ("hcx", "llama", "mistral", "qwen2", "qwen3", "exaone")
+
+
 class ModelConfig(Strict):
-    """Llama-style decoder (the HyperCLOVA X architecture family)."""
+    """Llama-style decoder (the HyperCLOVA X architecture family), with the options of
+    the open families ``hcx import`` reads (QKV biases, QK-norm, RoPE scaling, head size)."""
 
     num_layers: int = Field(gt=0)
     hidden_size: int = Field(gt=0)
@@ -49,10 +72,25 @@ class ModelConfig(Strict):
     tie_embeddings: bool = False
     init_std: float = Field(default=0.02, gt=0)
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
+    head_dim: int | None = Field(default=None, gt=0, description="attention head size; "
+                                 "None = hidden_size / num_attention_heads")
+    qkv_bias: bool = Field(default=False, description="biases on the query/key/value "
+                           "projections (Qwen2)")
+    qk_norm: bool = Field(default=False, description="RMSNorm of each query and key head "
+                          "before RoPE (Qwen3)")
+    rope_scaling: RopeScaling | None = None
+    family: Literal[MODEL_FAMILIES] = Field(  # type: ignore[valid-type]
+        default="hcx", description="the Hugging Face architecture the weights were imported "
+        "from, which 'hcx export' writes; hcx = trained here (exported as Llama)")
 
     @property
     def query_groups(self) -> int:
         return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def kv_channels(self) -> int:
+        """The size of one attention head."""
+        return self.head_dim or self.hidden_size // self.num_attention_heads
 
 
 class ParallelConfig(Strict):

@@ -13,8 +13,10 @@ from hcx.commands.common import add_judge_prompt_args, log, needs_relaunch, rela
 def cmd_export(args: argparse.Namespace, argv: list[str]) -> int:
     from hcx.interop.hf import export_hf
 
-    out = export_hf(Path(args.checkpoint), Path(args.out),
-                    log=log)
+    out = export_hf(Path(args.checkpoint), Path(args.out), log=log,
+                    max_shard_size=args.max_shard_size,
+                    eval_run=Path(args.eval) if args.eval else None,
+                    push_to_hub=args.push_to_hub)
     print(out)
     return 0
 
@@ -232,20 +234,36 @@ def generate_best_of_reward(args: argparse.Namespace, prompts: list, params) -> 
 
 def add_parsers(sub) -> None:
     p = sub.add_parser(
-        "export", help="an hcx checkpoint as a Hugging Face Llama directory",
+        "export", help="an hcx checkpoint as a Hugging Face model directory",
         description="Convert a checkpoint of any TP/PP layout (a step directory, or a "
-                    "checkpoints directory for its latest step) into a Hugging Face Llama "
-                    "directory: config.json, model.safetensors and the tokenizer files with "
-                    "the chat template, loadable with AutoModelForCausalLM/AutoTokenizer "
-                    "without trust_remote_code. Runs in one process.")
+                    "checkpoints directory for its latest step) into a Hugging Face "
+                    "directory of the family it was imported from (Llama, Mistral, Qwen2, "
+                    "Qwen3, EXAONE; Llama for models trained here): config.json, safetensors "
+                    "weights (sharded with model.safetensors.index.json above "
+                    "--max-shard-size), generation_config.json, the tokenizer files with "
+                    "the chat template and a model card (README.md), loadable with "
+                    "AutoModelForCausalLM/AutoTokenizer without trust_remote_code. Runs in "
+                    "one process and reads the checkpoint one layer at a time.")
     p.add_argument("checkpoint", help="e.g. runs/tiny/checkpoints")
     p.add_argument("out", help="output directory (replaced if it exists)")
     p.add_argument("--to", choices=["hf"], default="hf", help="target format")
+    p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                   help="largest safetensors file, as Hugging Face counts (5GB = 5*10^9 "
+                        "bytes; default 5GB); one file when the weights fit")
+    p.add_argument("--eval", metavar="RUN_DIR",
+                   help="an 'hcx eval' run directory: its scores go into the model card "
+                        "(model-index)")
+    p.add_argument("--push-to-hub", metavar="REPO",
+                   help="then upload the directory to this Hub repository (OWNER/NAME; "
+                        "HF_TOKEN or huggingface-cli login); refused before the export when "
+                        "the Hub is not reachable (HF_HUB_OFFLINE, no connection)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
-        "import", help="a Hugging Face Llama/Mistral directory as an hcx checkpoint",
-        description="Convert a local Hugging Face Llama or Mistral directory (config.json, "
+        "import", help="a Hugging Face Llama/Mistral/Qwen2/Qwen3/EXAONE directory as an hcx "
+                       "checkpoint",
+        description="Convert a local Hugging Face Llama (3.x RoPE scaling included), "
+                    "Mistral, Qwen2/2.5, Qwen3 (dense) or EXAONE 3.x directory (config.json, "
                     "model.safetensors or sharded safetensors with their index, tokenizer "
                     "files) for continued pretraining. Writes OUT/checkpoint (the weights as "
                     "an hcx checkpoint, which loads at any TP/PP), OUT/tokenizer (the "
@@ -253,7 +271,8 @@ def add_parsers(sub) -> None:
                     "--pp with checkpoint.init_from set). Next: write a recipe with "
                     "'base: OUT/recipe.yaml' that adds data.sources and run 'hcx pretrain' "
                     "on it. Refuses, naming the config key or tensor, what hcx's model "
-                    "cannot represent (biases, RoPE scaling, sliding windows, ...). Runs in "
+                    "cannot represent (biases on every projection, other RoPE scalings, "
+                    "sliding windows, ...). Runs in "
                     "one process.")
     p.add_argument("hf_dir", metavar="HF_DIR", help="a Hugging Face model directory")
     p.add_argument("out", metavar="OUT",

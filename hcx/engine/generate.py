@@ -307,11 +307,19 @@ def encode_prompt(prompt: str | list[dict], tokenizer, chat: bool,
 
 
 def chat_stop_ids(tokenizer) -> tuple[int, ...]:
-    """A chat reply ends at the end-of-turn marker (or the end of document)."""
-    from hcx.tokenizer.chat import marker_ids
+    """A chat reply ends at the end-of-turn marker (or the end of document); under a
+    Hugging Face chat template (an imported model's tokenizer), at the template's."""
+    from hcx.tokenizer.chat import ChatError, marker_ids, template_stop_ids, template_tokenizer
     from hcx.tokenizer.special_tokens import END_OF_TURN
 
-    return tuple(sorted({tokenizer.eod, marker_ids(tokenizer)[END_OF_TURN]}))
+    try:
+        return tuple(sorted({tokenizer.eod, marker_ids(tokenizer)[END_OF_TURN]}))
+    except ChatError:
+        template = template_tokenizer(tokenizer)
+        if template is None:
+            raise
+        return tuple(sorted({i for i in (tokenizer.eod, *template_stop_ids(template))
+                             if i is not None}))
 
 
 def generate_all(generator: Generator, prompts: list[list[int]], params: SamplingParams,

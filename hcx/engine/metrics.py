@@ -46,8 +46,8 @@ def training_flops_per_token(model: ModelConfig, vocab_size: int, seq_length: in
     2*h*V for the logits. Recomputation is not counted (model FLOPs, not hardware).
     """
     h, f, L, s = model.hidden_size, model.ffn_hidden_size, model.num_layers, seq_length
-    kv = model.query_groups * (h // model.num_attention_heads)
-    matmul_params = L * (h * (h + 2 * kv) + h * h + 3 * h * f)
+    q, kv = model.num_attention_heads * model.kv_channels, model.query_groups * model.kv_channels
+    matmul_params = L * (h * (q + 2 * kv) + q * h + 3 * h * f)
     forward = 2 * matmul_params + 4 * L * s * h + 2 * h * vocab_size
     return 3.0 * forward
 

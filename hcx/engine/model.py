@@ -194,12 +194,16 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, dtype: torc
         ffn_hidden_size=model.ffn_hidden_size,
         num_attention_heads=model.num_attention_heads,
         num_query_groups=model.query_groups,
+        kv_channels=model.kv_channels,
         normalization="RMSNorm",
         layernorm_epsilon=model.norm_epsilon,
         gated_linear_unit=True,  # SwiGLU = silu(x W_gate) * (x W_up)
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=False,
+        add_qkv_bias=model.qkv_bias,  # Qwen2: biases on Q, K and V only
+        # Qwen3: an RMSNorm over each query/key head (weights of head size, shared by
+        # the heads) after the projection and before RoPE, as transformers' q_norm/k_norm.
+        qk_layernorm=model.qk_norm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=model.init_std,
@@ -247,16 +251,19 @@ def build_gpt(model: ModelConfig, parallel: ParallelConfig, vocab_size: int, seq
     config = transformer_config(model, parallel, dtype, recompute, recompute_method,
                                 recompute_num_layers, fp8)
     if use_transformer_engine(model):
-        spec = get_gpt_layer_with_transformer_engine_spec()
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_norm)
     else:
-        layer = get_gpt_layer_local_spec(normalization="RMSNorm")
+        layer = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=model.qk_norm)
         layer.submodules.input_layernorm = RMSNorm
         layer.submodules.pre_mlp_layernorm = RMSNorm
+        if model.qk_norm:
+            attention = layer.submodules.self_attention.submodules
+            attention.q_layernorm = attention.k_layernorm = RMSNorm
         layer.submodules.self_attention.submodules.core_attention = _sdpa_attention_class()
         spec = TransformerBlockSubmodules(
             layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=RMSNorm
         )
-    return GPTModel(
+    gpt = GPTModel(
         config=config,
         transformer_layer_spec=spec,
         vocab_size=vocab_size,
@@ -268,6 +275,28 @@ def build_gpt(model: ModelConfig, parallel: ParallelConfig, vocab_size: int, seq
         rotary_base=int(model.rope_base),
         parallel_output=True,
     )
+    if model.rope_scaling is not None and hasattr(gpt, "rotary_pos_emb"):
+        gpt.rotary_pos_emb.inv_freq = scaled_inv_freq(gpt.rotary_pos_emb.inv_freq, model)
+    return gpt
+
+
+def scaled_inv_freq(inv_freq: torch.Tensor, model: ModelConfig) -> torch.Tensor:
+    """RoPE's inverse frequencies under ``model.rope_scaling`` (Llama 3.1's rule).
+
+    megatron-core's ``GPTModel(rope_scaling=True, rope_scaling_factor=f)`` applies the
+    same formula as transformers' ``llama3`` RoPE, but with the other three parameters
+    fixed at Llama 3.1's values (low 1, high 4, original context 8192). EXAONE 3.5 and
+    later Llama releases may set them otherwise, so the unscaled frequencies megatron
+    computed are scaled here with all four (megatron's own function, given them all).
+    The frequencies are not a parameter or buffer: checkpoints do not hold them.
+    """
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    s = model.rope_scaling
+    return RotaryEmbedding._apply_scaling(
+        None, inv_freq, factor=s.factor, low_freq_factor=s.low_freq_factor,
+        high_freq_factor=s.high_freq_factor,
+        original_max_position_embeddings=s.original_max_position_embeddings)
 
 
 def model_vocab_size(recipe, tokenizer_vocab: int) -> int:
@@ -295,11 +324,13 @@ def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
 def count_parameters(model: ModelConfig, vocab_size: int) -> dict[str, int]:
     """Exact parameter counts of the decoder (no parallelism), by part."""
     h, f, L = model.hidden_size, model.ffn_hidden_size, model.num_layers
-    head_dim = h // model.num_attention_heads
-    kv = model.query_groups * head_dim
-    attn = h * (h + 2 * kv) + h * h  # fused QKV + output projection
+    head_dim = model.kv_channels
+    q, kv = model.num_attention_heads * head_dim, model.query_groups * head_dim
+    attn = h * (q + 2 * kv) + q * h  # fused QKV + output projection
+    if model.qkv_bias:
+        attn += q + 2 * kv
     mlp = 2 * h * f + f * h  # gate + up (fused fc1) + down
-    norms = 2 * h  # two RMSNorm weights per layer
+    norms = 2 * h + (2 * head_dim if model.qk_norm else 0)  # RMSNorm weights per layer
     per_layer = attn + mlp + norms
     embedding = vocab_size * h
     output = 0 if model.tie_embeddings else vocab_size * h

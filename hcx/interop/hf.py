@@ -1,19 +1,22 @@
 """Hugging Face interoperability, both ways.
 
-Export: an hcx checkpoint of any TP/PP layout becomes a Llama directory that
-``transformers`` loads without remote code. Import: a Llama/Mistral directory becomes
-an hcx checkpoint (weights only) plus a recipe stub to continue pretraining from.
+Export: an hcx checkpoint of any TP/PP layout becomes a directory of the family the
+model came from (Llama, Mistral, Qwen2, Qwen3, EXAONE; Llama for models trained here:
+:mod:`hcx.interop.families`) that ``transformers`` loads without remote code. It reads
+the checkpoint one layer at a time (:mod:`hcx.interop.dist_reader`) and writes sharded
+safetensors as it goes (:mod:`hcx.interop.safetensors_out`). Import: such a directory
+becomes an hcx checkpoint (weights only) plus a recipe stub to continue pretraining from.
 
-Either way the weights pass through a single-process model (megatron's
-dist_checkpointing reshards any saved layout, and a checkpoint saved by one process
-loads at any TP/PP), and each megatron tensor is renamed or split:
+Each megatron tensor is renamed or split:
 
 - ``linear_qkv`` holds, per query group, that group's query heads, then its key head,
-  then its value head (``[groups * (heads/groups + 2) * head_dim, hidden]``);
+  then its value head (``[groups * (heads/groups + 2) * head_dim, hidden]``), and so does
+  its bias (Qwen2's q/k/v biases);
 - ``linear_fc1`` is SwiGLU's gate then up projection (megatron chunks it in two and
   applies SiLU to the first half);
-- RMSNorm weights, ``linear_proj`` (o_proj), ``linear_fc2`` (down_proj), embeddings
-  and the output layer map one to one. RoPE is the rotate-half form in both.
+- RMSNorm weights (with Qwen3's per-head ``q_layernorm``/``k_layernorm`` as
+  ``q_norm``/``k_norm``), ``linear_proj`` (o_proj), ``linear_fc2`` (down_proj),
+  embeddings and the output layer map one to one. RoPE is the rotate-half form in both.
 - megatron pads the vocabulary (``hcx.engine.model.padded_vocab_size``); export keeps the
   padding rows, import adds zero rows.
 """
@@ -21,6 +24,7 @@ loads at any TP/PP), and each megatron tensor is renamed or split:
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -32,105 +36,158 @@ from typing import Any, Iterator
 import torch
 
 from hcx.config import ModelConfig, Recipe
-from hcx.errors import HcxError
+from hcx.interop.families import (FAMILIES, MODEL_KEYS, Family, InteropError, export_family,
+                                  family_of, model_from_hf)
+from hcx.interop import families
 
-
-class InteropError(HcxError, ValueError):
-    pass
+__all__ = ["FAMILIES", "InteropError", "export_hf", "import_hf", "model_from_hf",
+           "read_checkpoint", "recipe_from_hf"]
 
 
 # --- the tensor mapping ------------------------------------------------------------
+# Megatron names are the local layer spec's, relative to a layer (``decoder.layers.N.``);
+# HF names are Llama's (hcx.interop.families spells them another family's way).
+
+# Transformer Engine fuses the pre-attention and pre-MLP norms into the next linear layer;
+# its names are also the ones dist checkpoints use for either spec.
+TE_NORMS = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+            "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight"}
+
+
+def layer_to_hf(layer: dict[str, torch.Tensor], model: ModelConfig,
+                i: int) -> dict[str, torch.Tensor]:
+    """HF tensors of layer ``i`` from its megatron tensors (local or TE norm names)."""
+    layer = {TE_NORMS.get(k, k): v for k, v in layer.items()}
+    heads, groups, head_dim = model.num_attention_heads, model.query_groups, model.kv_channels
+    per_group = heads // groups
+    h = f"model.layers.{i}."
+    qkv = layer["self_attention.linear_qkv.weight"].view(groups, per_group + 2, head_dim, -1)
+    gate, up = layer["mlp.linear_fc1.weight"].chunk(2, dim=0)
+    out = {
+        h + "input_layernorm.weight": layer["input_layernorm.weight"],
+        h + "self_attn.q_proj.weight": qkv[:, :per_group].reshape(heads * head_dim, -1),
+        h + "self_attn.k_proj.weight": qkv[:, per_group].reshape(groups * head_dim, -1),
+        h + "self_attn.v_proj.weight": qkv[:, per_group + 1].reshape(groups * head_dim, -1),
+    }
+    if model.qkv_bias:
+        bias = layer["self_attention.linear_qkv.bias"].view(groups, per_group + 2, head_dim)
+        out.update({h + "self_attn.q_proj.bias": bias[:, :per_group].reshape(-1),
+                    h + "self_attn.k_proj.bias": bias[:, per_group].reshape(-1),
+                    h + "self_attn.v_proj.bias": bias[:, per_group + 1].reshape(-1)})
+    if model.qk_norm:
+        out.update({h + "self_attn.q_norm.weight": layer["self_attention.q_layernorm.weight"],
+                    h + "self_attn.k_norm.weight": layer["self_attention.k_layernorm.weight"]})
+    out.update({
+        h + "self_attn.o_proj.weight": layer["self_attention.linear_proj.weight"],
+        h + "post_attention_layernorm.weight": layer["pre_mlp_layernorm.weight"],
+        h + "mlp.gate_proj.weight": gate,
+        h + "mlp.up_proj.weight": up,
+        h + "mlp.down_proj.weight": layer["mlp.linear_fc2.weight"],
+    })
+    return {k: v.detach().contiguous().clone() for k, v in out.items()}
+
+
+def layer_from_hf(tensors: dict[str, torch.Tensor], model: ModelConfig,
+                  i: int) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`layer_to_hf`: megatron tensors of layer ``i`` (local names)."""
+    heads, groups, head_dim = model.num_attention_heads, model.query_groups, model.kv_channels
+    per_group = heads // groups
+    h = f"model.layers.{i}."
+
+    def grouped(kind: str, n: int, *rest: int) -> torch.Tensor:
+        return tensors[h + f"self_attn.{kind}"].view(groups, n, head_dim, *rest)
+
+    hidden = model.hidden_size
+    qkv = [grouped("q_proj.weight", per_group, hidden), grouped("k_proj.weight", 1, hidden),
+           grouped("v_proj.weight", 1, hidden)]
+    out = {
+        "input_layernorm.weight": tensors[h + "input_layernorm.weight"],
+        "pre_mlp_layernorm.weight": tensors[h + "post_attention_layernorm.weight"],
+        "self_attention.linear_qkv.weight": torch.cat(qkv, dim=1).reshape(-1, hidden),
+        "self_attention.linear_proj.weight": tensors[h + "self_attn.o_proj.weight"],
+        "mlp.linear_fc1.weight": torch.cat([tensors[h + "mlp.gate_proj.weight"],
+                                            tensors[h + "mlp.up_proj.weight"]]),
+        "mlp.linear_fc2.weight": tensors[h + "mlp.down_proj.weight"],
+    }
+    if model.qkv_bias:
+        bias = [grouped("q_proj.bias", per_group), grouped("k_proj.bias", 1),
+                grouped("v_proj.bias", 1)]
+        out["self_attention.linear_qkv.bias"] = torch.cat(bias, dim=1).reshape(-1)
+    if model.qk_norm:
+        out["self_attention.q_layernorm.weight"] = tensors[h + "self_attn.q_norm.weight"]
+        out["self_attention.k_layernorm.weight"] = tensors[h + "self_attn.k_norm.weight"]
+    return {k: v.contiguous() for k, v in out.items()}
 
 
 def megatron_to_hf(state: dict[str, torch.Tensor], model: ModelConfig) -> dict[str, torch.Tensor]:
-    """HF Llama tensors from a single-process megatron GPTModel state dict."""
-    heads, groups = model.num_attention_heads, model.query_groups
-    head_dim = model.hidden_size // heads
-    per_group = heads // groups
-    out = {"model.embed_tokens.weight": state["embedding.word_embeddings.weight"],
-           "model.norm.weight": state["decoder.final_layernorm.weight"]}
+    """HF tensors (Llama names) from a single-process megatron GPTModel state dict."""
+    out = {"model.embed_tokens.weight": state["embedding.word_embeddings.weight"]}
+    for i in range(model.num_layers):
+        m = f"decoder.layers.{i}."
+        out.update(layer_to_hf({k[len(m):]: v for k, v in state.items() if k.startswith(m)},
+                               model, i))
+    out["model.norm.weight"] = state["decoder.final_layernorm.weight"]
     if not model.tie_embeddings:
         out["lm_head.weight"] = state["output_layer.weight"]
-    for i in range(model.num_layers):
-        m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
-        # Local layers name the norms apart; Transformer Engine fuses them into the linears.
-        attn_norm = state.get(m + "input_layernorm.weight",
-                              state.get(m + "self_attention.linear_qkv.layer_norm_weight"))
-        mlp_norm = state.get(m + "pre_mlp_layernorm.weight",
-                             state.get(m + "mlp.linear_fc1.layer_norm_weight"))
-        qkv = state[m + "self_attention.linear_qkv.weight"].view(
-            groups, per_group + 2, head_dim, model.hidden_size)
-        gate, up = state[m + "mlp.linear_fc1.weight"].chunk(2, dim=0)
-        out.update({
-            h + "input_layernorm.weight": attn_norm,
-            h + "post_attention_layernorm.weight": mlp_norm,
-            h + "self_attn.q_proj.weight": qkv[:, :per_group].reshape(heads * head_dim, -1),
-            h + "self_attn.k_proj.weight": qkv[:, per_group].reshape(groups * head_dim, -1),
-            h + "self_attn.v_proj.weight": qkv[:, per_group + 1].reshape(groups * head_dim, -1),
-            h + "self_attn.o_proj.weight": state[m + "self_attention.linear_proj.weight"],
-            h + "mlp.gate_proj.weight": gate,
-            h + "mlp.up_proj.weight": up,
-            h + "mlp.down_proj.weight": state[m + "mlp.linear_fc2.weight"],
-        })
     return {k: v.detach().contiguous().clone() for k, v in out.items()}
+
+
+def pad_vocab(t: torch.Tensor, padded_vocab: int) -> torch.Tensor:
+    """``t`` with zero rows up to megatron's padded vocabulary."""
+    out = t.new_zeros(padded_vocab, t.shape[1])
+    out[:t.shape[0]] = t
+    return out
 
 
 def hf_to_megatron(tensors: dict[str, torch.Tensor], model: ModelConfig,
                    padded_vocab: int) -> dict[str, torch.Tensor]:
     """The inverse of :func:`megatron_to_hf`: a single-process GPTModel state dict (local
-    layer names) from HF Llama tensors. The embedding and output layer get zero rows
-    from the HF vocabulary size up to ``padded_vocab`` (megatron's padding): the padded
-    ids never occur in data, and their logits start at 0."""
-    heads, groups = model.num_attention_heads, model.query_groups
-    hidden, head_dim = model.hidden_size, model.hidden_size // heads
-    per_group = heads // groups
-
-    def pad_vocab(t: torch.Tensor) -> torch.Tensor:
-        out = t.new_zeros(padded_vocab, t.shape[1])
-        out[:t.shape[0]] = t
-        return out
-
-    state = {"embedding.word_embeddings.weight": pad_vocab(tensors["model.embed_tokens.weight"]),
+    layer names) from HF tensors (Llama names). The embedding and output layer get zero
+    rows from the HF vocabulary size up to ``padded_vocab`` (megatron's padding): the
+    padded ids never occur in data, and their logits start at 0."""
+    state = {"embedding.word_embeddings.weight":
+                 pad_vocab(tensors["model.embed_tokens.weight"], padded_vocab),
              "decoder.final_layernorm.weight": tensors["model.norm.weight"]}
     if not model.tie_embeddings:
-        state["output_layer.weight"] = pad_vocab(tensors["lm_head.weight"])
+        state["output_layer.weight"] = pad_vocab(tensors["lm_head.weight"], padded_vocab)
     for i in range(model.num_layers):
-        m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
-        q = tensors[h + "self_attn.q_proj.weight"].view(groups, per_group, head_dim, hidden)
-        k = tensors[h + "self_attn.k_proj.weight"].view(groups, 1, head_dim, hidden)
-        v = tensors[h + "self_attn.v_proj.weight"].view(groups, 1, head_dim, hidden)
-        state.update({
-            m + "input_layernorm.weight": tensors[h + "input_layernorm.weight"],
-            m + "pre_mlp_layernorm.weight": tensors[h + "post_attention_layernorm.weight"],
-            m + "self_attention.linear_qkv.weight": torch.cat([q, k, v], dim=1).reshape(-1, hidden),
-            m + "self_attention.linear_proj.weight": tensors[h + "self_attn.o_proj.weight"],
-            m + "mlp.linear_fc1.weight": torch.cat([tensors[h + "mlp.gate_proj.weight"],
-                                                    tensors[h + "mlp.up_proj.weight"]]),
-            m + "mlp.linear_fc2.weight": tensors[h + "mlp.down_proj.weight"],
-        })
+        state.update({f"decoder.layers.{i}.{k}": v
+                      for k, v in layer_from_hf(tensors, model, i).items()})
     return {k: v.contiguous() for k, v in state.items()}
 
 
+def layer_shapes(model: ModelConfig, i: int) -> dict[str, tuple[int, ...]]:
+    """Every HF tensor (Llama names) of layer ``i``, with its shape, in transformers'
+    order."""
+    h, f, d = model.hidden_size, model.ffn_hidden_size, model.kv_channels
+    q, kv = model.num_attention_heads * d, model.query_groups * d
+    p = f"model.layers.{i}."
+    shapes = {p + "input_layernorm.weight": (h,),
+              p + "self_attn.q_proj.weight": (q, h),
+              p + "self_attn.k_proj.weight": (kv, h),
+              p + "self_attn.v_proj.weight": (kv, h)}
+    if model.qkv_bias:
+        shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                       p + "self_attn.v_proj.bias": (kv,)})
+    if model.qk_norm:
+        shapes.update({p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)})
+    shapes.update({p + "self_attn.o_proj.weight": (h, q),
+                   p + "post_attention_layernorm.weight": (h,),
+                   p + "mlp.gate_proj.weight": (f, h),
+                   p + "mlp.up_proj.weight": (f, h),
+                   p + "mlp.down_proj.weight": (h, f)})
+    return shapes
+
+
 def hf_tensor_shapes(model: ModelConfig, vocab_size: int) -> dict[str, tuple[int, ...]]:
-    """Every tensor a HF Llama directory of this shape holds, with its shape."""
-    h, f = model.hidden_size, model.ffn_hidden_size
-    kv = model.query_groups * (h // model.num_attention_heads)
-    shapes = {"model.embed_tokens.weight": (vocab_size, h), "model.norm.weight": (h,)}
-    if not model.tie_embeddings:
-        shapes["lm_head.weight"] = (vocab_size, h)
+    """Every tensor a HF directory of this shape holds (Llama names), with its shape, in
+    transformers' order (embedding, layers, final norm, output layer)."""
+    shapes = {"model.embed_tokens.weight": (vocab_size, model.hidden_size)}
     for i in range(model.num_layers):
-        p = f"model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (h,),
-            p + "post_attention_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (h, h),
-            p + "self_attn.k_proj.weight": (kv, h),
-            p + "self_attn.v_proj.weight": (kv, h),
-            p + "self_attn.o_proj.weight": (h, h),
-            p + "mlp.gate_proj.weight": (f, h),
-            p + "mlp.up_proj.weight": (f, h),
-            p + "mlp.down_proj.weight": (h, f),
-        })
+        shapes.update(layer_shapes(model, i))
+    shapes["model.norm.weight"] = (model.hidden_size,)
+    if not model.tie_embeddings:
+        shapes["lm_head.weight"] = (vocab_size, model.hidden_size)
     return shapes
 
 
@@ -168,48 +225,33 @@ def _building(out: Path) -> Iterator[Path]:
 
 
 def hf_config(recipe: Recipe, vocab_size: int, tokenizer, dtype: torch.dtype) -> dict:
-    m = recipe.model
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": vocab_size,
-        "hidden_size": m.hidden_size,
-        "intermediate_size": m.ffn_hidden_size,
-        "num_hidden_layers": m.num_layers,
-        "num_attention_heads": m.num_attention_heads,
-        "num_key_value_heads": m.query_groups,
-        "head_dim": m.hidden_size // m.num_attention_heads,
-        "hidden_act": "silu",
-        "max_position_embeddings": m.max_position_embeddings,
-        "rms_norm_eps": m.norm_epsilon,
-        "rope_theta": m.rope_base,
-        "tie_word_embeddings": m.tie_embeddings,
-        "attention_bias": False,
-        "mlp_bias": False,
-        "bos_token_id": tokenizer.special_id("<s>"),
-        "eos_token_id": tokenizer.eod,
-        "pad_token_id": tokenizer.pad,
-        "torch_dtype": str(dtype).removeprefix("torch."),
-    }
+    """``config.json`` for a recipe's model: its family's (Llama for hcx-native models)."""
+    model = recipe.model
+    return families.hf_config(model, export_family(model), vocab_size,
+                              bos=tokenizer.special_id("<s>"), eos=tokenizer.eod,
+                              pad=tokenizer.pad, dtype=str(dtype).removeprefix("torch."))
 
 
 def generation_config(tokenizer) -> dict:
-    """transformers' generate stops at any of ``eos_token_id``: the end of document and,
-    for an hcx chat tokenizer, the end of an assistant turn (as Llama 3 lists both), so
-    hcx's and transformers' generations end at the same tokens."""
-    from hcx.tokenizer.special_tokens import END_OF_TURN
+    """transformers' generate stops at any of ``eos_token_id``: the end of document and
+    the end of an assistant turn (hcx's ``<|endofturn|>``, or an imported tokenizer's
+    chat template's, as Llama 3 lists both), so hcx's and transformers' generations end
+    at the same tokens."""
+    from hcx.engine.generate import chat_stop_ids
+    from hcx.tokenizer.chat import ChatError
 
     eos = [tokenizer.eod]
-    turn = tokenizer.special_id(END_OF_TURN)
-    if turn is not None and turn not in eos:
-        eos.append(turn)
+    try:
+        eos += [i for i in chat_stop_ids(tokenizer) if i not in eos]
+    except ChatError:  # no chat markers and no template: documents only
+        pass
     return {"bos_token_id": tokenizer.special_id("<s>"), "eos_token_id": eos,
             "pad_token_id": tokenizer.pad}
 
 
 @dataclass
 class HfWeights:
-    """A checkpoint's weights as HF Llama tensors, with what describes them."""
+    """A checkpoint's weights as HF tensors (Llama names), with what describes them."""
 
     path: Path  # the step directory
     recipe: Recipe
@@ -220,7 +262,9 @@ class HfWeights:
 
 def read_checkpoint(ckpt: Path, log=print) -> HfWeights:
     """The weights of an hcx checkpoint (a step directory or a checkpoints directory) of
-    any layout, loaded in one process with the recipe the checkpoint records."""
+    any layout, loaded whole into one process's model with the recipe the checkpoint
+    records (megatron's loader). The export streams instead (:func:`export_hf`); this is
+    the reference it is tested against."""
     from hcx.engine import parallel
     from hcx.engine.checkpoint import checkpoint_path
     from hcx.engine.inference import open_checkpoint
@@ -236,20 +280,106 @@ def read_checkpoint(ckpt: Path, log=print) -> HfWeights:
         parallel.shutdown()
 
 
-def export_hf(ckpt: Path, out: Path, log=print) -> Path:
-    """Write ``out`` (config.json, model.safetensors, tokenizer files) atomically."""
-    from safetensors.torch import save_file
+# dist checkpoint keys of the parts outside the layers; the layers' are stacked
+# (``decoder.layers.<name>``: [num_layers, ...]).
+EMBEDDING, FINAL_NORM, OUTPUT = ("embedding.word_embeddings.weight",
+                                 "decoder.final_layernorm.weight", "output_layer.weight")
+LAYERS, OPTIMIZER = "decoder.layers.", "optimizer."
 
-    w = read_checkpoint(ckpt, log)
-    config = hf_config(w.recipe, w.vocab_size, w.tokenizer, next(iter(w.tensors.values())).dtype)
+
+def stream_hf_tensors(reader, model: ModelConfig,
+                      vocab: int) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+    """``(part, HF tensors)`` for the embedding, each layer, the final norm and the
+    output layer, in transformers' order, read from a dist checkpoint one part at a
+    time (``reader``: :class:`hcx.interop.dist_reader.DistCheckpointReader`); the
+    embedding and output layer keep their first ``vocab`` rows."""
+    layer_keys = [k for k in reader.tensors if k.startswith(LAYERS)]
+    known = {EMBEDDING, FINAL_NORM, *layer_keys} | (set() if model.tie_embeddings else {OUTPUT})
+    # a training checkpoint also holds the optimizer's state, under its own keys
+    unknown = sorted(k for k in set(reader.tensors) - known if not k.startswith(OPTIMIZER))
+    if unknown:
+        raise InteropError(f"{reader.path}: tensors a {model.family} model has no place for: "
+                           f"{', '.join(unknown[:5])}")
+    def rows(key: str) -> torch.Tensor:
+        t = reader.read({key: (key, None)})[key]
+        return t if t.shape[0] == vocab else t[:vocab].clone()
+
+    yield "embedding", {"model.embed_tokens.weight": rows(EMBEDDING)}
+    for i in range(model.num_layers):
+        layer = reader.read({k[len(LAYERS):]: (k, i) for k in layer_keys})
+        converted = layer_to_hf(layer, model, i)
+        del layer
+        yield f"layer {i}", converted
+        del converted  # before the next layer is read
+    yield "final norm", {"model.norm.weight": reader.read({"n": (FINAL_NORM, None)})["n"]}
+    if not model.tie_embeddings:
+        yield "output layer", {"lm_head.weight": rows(OUTPUT)}
+
+
+def _write_part(writer, family: Family, tensors: dict[str, torch.Tensor]) -> None:
+    for name, tensor in tensors.items():
+        writer.add(family.tensor_name(name), tensor)
+
+
+def export_hf(ckpt: Path, out: Path, log=print, *, max_shard_size: str | int = "5GB",
+              eval_run: Path | None = None, push_to_hub: str | None = None,
+              observe=None) -> Path:
+    """Write ``out`` atomically: config.json of the model's family, the weights as
+    safetensors (sharded with model.safetensors.index.json above ``max_shard_size``),
+    generation_config.json, the tokenizer files and a model card (README.md, with the
+    scores of the ``hcx eval`` run directory ``eval_run``); then upload it to the Hub
+    repository ``push_to_hub``.
+
+    The weights are read from the checkpoint one layer at a time (any TP/PP layout:
+    :mod:`hcx.interop.dist_reader`) and appended to the shard files as they come, so the
+    export holds about one part of the model (the largest of the embedding, the output
+    layer and one layer) twice over, never the whole model. ``observe(part)`` is called
+    with each part in memory (tests measure what is held)."""
+    from hcx.engine.checkpoint import checkpoint_path
+    from hcx.engine.inference import checkpoint_recipe
+    from hcx.interop import card, hub
+    from hcx.interop.dist_reader import DistCheckpointReader
+    from hcx.interop.safetensors_out import ShardedWriter, parse_size
+    from hcx.tokenizer.loading import load_tokenizer
+
+    ckpt = checkpoint_path(Path(ckpt))
+    recipe = checkpoint_recipe(ckpt)
+    model = recipe.model
+    family = export_family(model)
+    parse_size(max_shard_size)
+    scores = card.read_scores(Path(eval_run)) if eval_run else None
+    if push_to_hub:  # before the work, so an unreachable Hub costs nothing
+        hub.check_reachable(push_to_hub)
+    reader = DistCheckpointReader(ckpt)
+    # The vocabulary the model was given (an imported model's: its own, so the round trip
+    # is exact), else megatron's padded one: the padding rows never score a real token.
+    padded, dtype = reader.shape(EMBEDDING)[0], reader.dtype(EMBEDDING)
+    vocab = min(model.vocab_size or padded, padded)
+    tokenizer = load_tokenizer(recipe.data.tokenizer)
+    shapes = hf_tensor_shapes(model, vocab)
     out = Path(out)
     with _building(out) as tmp:
-        save_file(w.tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        writer = ShardedWriter(tmp, {family.tensor_name(n): (s, dtype) for n, s in shapes.items()},
+                               max_shard_size)
+        for part, tensors in stream_hf_tensors(reader, model, vocab):
+            if observe is not None:
+                observe(part)
+            _write_part(writer, family, tensors)
+            del tensors
+        files = writer.close()
+        config = hf_config(recipe, vocab, tokenizer, dtype)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(
-            json.dumps(generation_config(w.tokenizer), indent=2) + "\n")
-        _write_tokenizer(w.recipe, tmp)
-    log(f"exported {w.path} to {out} ({sum(t.numel() for t in w.tensors.values()):,} parameters)")
+            json.dumps(generation_config(tokenizer), indent=2) + "\n")
+        _write_tokenizer(recipe, tmp)
+        (tmp / "README.md").write_text(card.model_card(recipe, ckpt, config, scores),
+                                       encoding="utf-8")
+    total = sum(math.prod(s) for s in shapes.values())
+    log(f"exported {ckpt} to {out} as {family.architecture} ({total:,} parameters, "
+        f"{len([f for f in files if f.endswith('.safetensors')])} safetensors file(s))")
+    if push_to_hub:
+        url = hub.push(out, push_to_hub, log=log)
+        log(f"pushed {out} to {url}")
     return out
 
 
@@ -274,26 +404,6 @@ def _write_tokenizer(recipe: Recipe, out: Path) -> None:
 # What ``hcx import`` writes into OUT, beside recipe.yaml.
 CHECKPOINT_DIR, TOKENIZER_DIR, STUB = "checkpoint", "tokenizer", "recipe.yaml"
 
-# transformers' defaults for the keys a config.json may leave out (LlamaConfig,
-# MistralConfig); the model types hcx's decoder can represent.
-HF_DEFAULTS: dict[str, dict[str, Any]] = {
-    "llama": {"hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
-              "max_position_embeddings": 2048, "tie_word_embeddings": False,
-              "sliding_window": None},
-    "mistral": {"hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
-                "max_position_embeddings": 131072, "tie_word_embeddings": False,
-                "num_key_value_heads": 8, "sliding_window": 4096},
-}
-
-# recipe model key <- config.json key (errors about a model key name the HF key)
-MODEL_KEYS = {"num_layers": "num_hidden_layers", "hidden_size": "hidden_size",
-              "ffn_hidden_size": "intermediate_size",
-              "num_attention_heads": "num_attention_heads",
-              "num_query_groups": "num_key_value_heads", "vocab_size": "vocab_size",
-              "max_position_embeddings": "max_position_embeddings",
-              "rope_base": "rope_theta", "norm_epsilon": "rms_norm_eps",
-              "tie_embeddings": "tie_word_embeddings"}
-
 # The training part of the stub: continued pretraining wants a lower peak learning rate
 # than training from scratch. Users adjust it; it makes the stub a complete recipe.
 STUB_TRAIN = {"steps": 1000, "global_batch_size": 32, "micro_batch_size": 1, "lr": 3.0e-5,
@@ -302,68 +412,6 @@ STUB_TRAIN = {"steps": 1000, "global_batch_size": 32, "micro_batch_size": 1, "lr
 # checkpoint (which 'hcx export' and inference read for the model and tokenizer) names
 # this placeholder; recipe.yaml leaves data.sources out for the user to add.
 NO_SOURCES = [{"name": "none-add-data-sources", "prefix": "none"}]
-
-
-def model_from_hf(config: dict, source: str = "config.json") -> dict:
-    """The recipe's model section for a HF Llama/Mistral ``config.json``. Refuses, naming
-    the config key, whatever hcx's decoder (RMSNorm, SwiGLU, RoPE without scaling, GQA,
-    no biases, full causal attention) would compute differently."""
-
-    def refuse(key: str, value, why: str):
-        raise InteropError(f"{source}: {key}={value!r} is not supported: {why}")
-
-    model_type = config.get("model_type")
-    if model_type not in HF_DEFAULTS:
-        refuse("model_type", model_type, f"hcx imports Llama-style decoders only "
-               f"({', '.join(HF_DEFAULTS)})")
-    defaults = HF_DEFAULTS[model_type]
-
-    def get(key: str):
-        value = config.get(key)
-        return defaults.get(key) if value is None else value
-
-    def need(key: str):
-        if config.get(key) is None:
-            raise InteropError(f"{source}: no {key}")
-        return config[key]
-
-    hidden, heads = need("hidden_size"), need("num_attention_heads")
-    if get("hidden_act") != "silu":
-        refuse("hidden_act", get("hidden_act"), "hcx's MLP is SwiGLU (silu)")
-    for key in ("attention_bias", "mlp_bias"):
-        if config.get(key):
-            refuse(key, config[key], "hcx's linear layers have no biases")
-    head_dim = config.get("head_dim")
-    if head_dim is not None and head_dim * heads != hidden:
-        refuse("head_dim", head_dim, f"hcx's head size is hidden_size / num_attention_heads "
-                                     f"= {hidden / heads:g}")
-    # transformers 5 writes rope_parameters; earlier versions rope_theta and rope_scaling.
-    rope = config.get("rope_parameters") or {}
-    for key in ("rope_parameters", "rope_scaling"):
-        params = config.get(key) or {}
-        kind = params.get("rope_type", params.get("type", "default"))
-        if kind != "default":
-            refuse(f"{key}.rope_type", kind, "hcx's RoPE has no scaling (only 'default')")
-    theta = rope.get("rope_theta", get("rope_theta"))
-    if float(theta) != int(theta):
-        refuse("rope_theta", theta, "hcx's megatron model takes an integer RoPE base")
-    # absent means transformers' default (Mistral: 4096); null turns the window off
-    window = config.get("sliding_window", defaults["sliding_window"])
-    if window is not None:
-        refuse("sliding_window", window, "hcx attends to the whole context (set it to null "
-               "if the model was trained without a window)")
-    return {
-        "num_layers": need("num_hidden_layers"),
-        "hidden_size": hidden,
-        "ffn_hidden_size": need("intermediate_size"),
-        "num_attention_heads": heads,
-        "num_query_groups": get("num_key_value_heads") or heads,
-        "vocab_size": need("vocab_size"),
-        "max_position_embeddings": get("max_position_embeddings"),
-        "rope_base": float(theta),
-        "norm_epsilon": float(get("rms_norm_eps")),
-        "tie_embeddings": bool(get("tie_word_embeddings")),
-    }
 
 
 def recipe_from_hf(config: dict, *, name: str, tp: int, pp: int, tokenizer: dict,
@@ -385,8 +433,9 @@ def recipe_from_hf(config: dict, *, name: str, tp: int, pp: int, tokenizer: dict
         "train": dict(STUB_TRAIN),
         "checkpoint": {"init_from": init_from},
     }
+    family = family_of(config, source)
     origins = {"parallel.tp": f"--tp {tp}", "parallel.pp": f"--pp {pp}",
-               **{f"model.{k}": f"{source}: {hf}" for k, hf in MODEL_KEYS.items()}}
+               **{f"model.{k}": f"{source}: {family.key(hf)}" for k, hf in MODEL_KEYS.items()}}
     data = {**stub, "data": {**stub["data"], "sources": NO_SOURCES}}
     return stub, validate_recipe(data, origins, source)
 
@@ -411,13 +460,17 @@ def _tensor_files(hf_dir: Path) -> tuple[dict[str, Path], Path]:
                        "(hcx imports safetensors weights only)")
 
 
-def read_hf_tensors(hf_dir: Path, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    """The tensors ``shapes`` names, after checking all of them (before loading any):
-    each must exist with that shape, and nothing else may be there but buffers
-    transformers recomputes (``rotary_emb.inv_freq``) and, for tied embeddings, a copy of
-    the embedding as ``lm_head.weight``. Errors name the tensor, file and shapes."""
+def read_hf_tensors(hf_dir: Path, shapes: dict[str, tuple[int, ...]],
+                    family: Family | None = None) -> dict[str, torch.Tensor]:
+    """The tensors ``shapes`` names (Llama names, spelled in the files the way of
+    ``family``), after checking all of them (before loading any): each must exist with
+    that shape, and nothing else may be there but buffers transformers recomputes
+    (``rotary_emb.inv_freq``) and, for tied embeddings, a copy of the embedding as
+    ``lm_head.weight``. Errors name the tensor, file and shapes. Returns Llama names."""
     from safetensors import safe_open
 
+    llama_names = {(family.tensor_name(n) if family else n): n for n in shapes}
+    shapes = {stored: shapes[n] for stored, n in llama_names.items()}
     located, listing = _tensor_files(hf_dir)
     for name, shape in shapes.items():
         if name not in located:
@@ -446,7 +499,7 @@ def read_hf_tensors(hf_dir: Path, shapes: dict[str, tuple[int, ...]]) -> dict[st
                     raise InteropError(f"{file}: tensor {name} has shape {actual}, but "
                                        f"config.json gives {list(shapes[name])}")
             for name in names:
-                tensors[name] = f.get_tensor(name)
+                tensors[llama_names[name]] = f.get_tensor(name)
     return tensors
 
 
@@ -590,7 +643,8 @@ def import_hf(hf_dir: Path, out: Path, tp: int = 1, pp: int = 1, log=print) -> P
     model, vocab = recipe.model, recipe.model.vocab_size
     with _building(out) as tmp:
         _copy_tokenizer(hf_dir, config, kind, file, tmp / TOKENIZER_DIR)
-        tensors = read_hf_tensors(hf_dir, hf_tensor_shapes(model, vocab))
+        tensors = read_hf_tensors(hf_dir, hf_tensor_shapes(model, vocab),
+                                  family_of(config, str(config_file)))
         log(f"import: {len(tensors)} tensors, {sum(t.numel() for t in tensors.values()):,} "
             f"parameters from {hf_dir}")
         # The local layer spec's names are hf_to_megatron's; its dist checkpoint keys are

@@ -60,8 +60,11 @@ def test_parameter_count_matches_megatron_model():
 
     parallel.initialize(ParallelConfig(), seed=1)
     try:
-        for tie in (False, True):
-            cfg = SMALL.model_copy(update={"tie_embeddings": tie})
+        variants = [{"tie_embeddings": False}, {"tie_embeddings": True},
+                    # the open families' options (hcx import): Qwen2's, Qwen3's
+                    {"qkv_bias": True}, {"qk_norm": True, "head_dim": 32}]
+        for update in variants:
+            cfg = SMALL.model_copy(update=update)
             model = build_gpt(cfg, ParallelConfig(), 384, 64, torch.float32, True, True)
             n = sum(p.numel() for p in model.parameters())
             assert n == count_parameters(cfg, 384)["total"]
