@@ -172,15 +172,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-# --- finding checkpoints -----------------------------------------------------------
-
-
-# --- checksums -----------------------------------------------------------------------
-# SHA-256 because it is fast where checkpoints are written (hashlib/OpenSSL reaches
-# about 1.5 GB/s per core on CPUs with SHA instructions: x86 SHA-NI, Arm v8 crypto;
-# docs/benchmarks.md), which is at or above what one process reads from shared storage,
-# and because anyone can check a checkpoint by hand with ``sha256sum``. A non-
-# cryptographic CRC would be 2x faster but catches less and needs a tool to check.
+# --- checksums and finding checkpoints --------------------------------------------------
+# SHA-256 because it is fast where checkpoints are written (hashlib/OpenSSL uses the SHA
+# instructions of current x86 and Arm server CPUs, which puts it ahead of BLAKE2b and
+# MD5 there; docs/benchmarks.md), about what one process reads from shared storage,
+# and because anyone can check a file by hand with ``sha256sum``. zlib's CRC-32 is
+# faster but is 32 bits and needs a script to check.
 # Writers hash the files they wrote (in the background for async saves); a load spreads
 # the hashing over the ranks, and threads within each (hashlib releases the GIL).
 
@@ -208,6 +205,15 @@ def _manifest_digest(files: dict) -> str:
 def _write_manifest(directory: Path, files: dict[str, list]) -> None:
     body = {"algorithm": CHECKSUM, "files": files, "digest": _manifest_digest(files)}
     _write_atomic(directory / MANIFEST, json.dumps(body, indent=1, sort_keys=True))
+
+
+def add_manifest(path: Path) -> None:
+    """Checksum every file of the checkpoint ``path`` and write its manifest: for a
+    checkpoint saved by an earlier hcx (one that is known to be intact)."""
+    path = Path(path)
+    names = [p for p in sorted(path.rglob("*")) if p.is_file() and p.name != MANIFEST]
+    _write_manifest(path, {str(p.relative_to(path)): list(v)
+                           for p, v in _digest_files(names).items()})
 
 
 def read_manifest(path: Path) -> tuple[dict[str, list] | None, str | None]:
