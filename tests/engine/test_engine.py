@@ -220,11 +220,12 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(reference, tmp_pat
     assert not list((run / "checkpoints").glob(f"*{bad_step:08d}*"))
 
 
-@pytest.mark.parametrize("layout", ["single", "tp2"])
+@pytest.mark.parametrize("layout", ["single", "tp2", "async"])
 def test_sigterm_saves_and_resumes(reference, tmp_path, layout):
     """SIGTERM (as SLURM preemption sends) stops after the current step with a
-    checkpoint of it; the same command resumes and reproduces the losses."""
-    extra = [] if layout == "single" else LAYOUTS[layout]
+    checkpoint of it; the same command resumes and reproduces the losses. With async
+    saves, the stop waits for the checkpoint's background write and publishes it."""
+    extra = {"single": [], "async": ["checkpoint.async_save=true"]}.get(layout) or LAYOUTS[layout]
     run = tmp_path / "run"
     args = [str(reference["recipe"]), f"output_dir={run}", "checkpoint.save_every=0", *extra]
     proc = subprocess.Popen([sys.executable, "-m", "hcx.cli", "pretrain", *args], cwd=ROOT,
