@@ -303,6 +303,17 @@ class CheckpointConfig(Strict):
         default=None, description="load model weights only (fresh optimizer, step 0) from "
         "a step directory or a checkpoints directory (its latest step)"
     )
+    async_save: bool = Field(
+        default=False, description="write checkpoints in the background (megatron-core's "
+        "async save) while training continues; a save becomes 'latest' only once written "
+        "and checksummed (at a later step boundary, or at the end / on SIGTERM)")
+    fully_parallel_save: bool = Field(
+        default=True, description="spread the writing of state replicated over "
+        "data-parallel ranks across all of them (megatron's fully parallel save)")
+    fully_parallel_load: bool = Field(
+        default=False, description="each data-parallel rank reads a share of the "
+        "replicated state and the ranks exchange it (fewer reads of shared storage, "
+        "more memory and communication during the load)")
 
 
 class WandbConfig(Strict):

@@ -188,23 +188,23 @@ def restore(engine: Engine) -> None:
     """Resume from the newest complete checkpoint, or load ``init_from`` weights."""
     r = engine.recipe
 
-    def find() -> str | None:
-        if not r.checkpoint.resume:
-            existing = ckpt.complete_checkpoints(r.checkpoint_dir)
-            if existing:
-                raise ckpt.CheckpointError(
-                    f"{r.checkpoint_dir} already holds checkpoints (newest {existing[-1].name}) "
-                    "and checkpoint.resume is false: use a new output_dir or checkpoint.dir, "
-                    "remove them, or set checkpoint.resume=true"
-                )
-            return None
-        found = ckpt.find_resumable(r.checkpoint_dir, log=engine.log)
-        return str(found.path) if found else None
+    def refuse_existing() -> None:
+        existing = ckpt.complete_checkpoints(r.checkpoint_dir)
+        if existing:
+            raise ckpt.CheckpointError(
+                f"{r.checkpoint_dir} already holds checkpoints (newest {existing[-1].name}) "
+                "and checkpoint.resume is false: use a new output_dir or checkpoint.dir, "
+                "remove them, or set checkpoint.resume=true"
+            )
 
-    found = ckpt.on_rank0(find, "looking for a checkpoint to resume from")
+    found = None
+    if r.checkpoint.resume:  # the newest checkpoint whose files verify (all ranks check)
+        found = ckpt.resume_point(r.checkpoint_dir, log=engine.log)
+    else:
+        ckpt.on_rank0(refuse_existing, "looking for a checkpoint to resume from")
     if found is not None:
-        meta = ckpt.load(Path(found), engine.model, engine.optimizer, engine.scheduler,
-                         log=engine.log)
+        meta = ckpt.load(found, engine.model, engine.optimizer, engine.scheduler,
+                         log=engine.log, fully_parallel=r.checkpoint.fully_parallel_load)
         engine.start_step = meta["step"]
         engine.resumed = meta
         engine.consumed_samples = meta.get("consumed_samples", meta["step"] * r.train.global_batch_size)
@@ -214,7 +214,8 @@ def restore(engine: Engine) -> None:
         from hcx.paths import resolve
 
         path = ckpt.checkpoint_path(resolve(r.checkpoint.init_from))
-        ckpt.load(path, engine.model, None, None, restore_rng=False, log=engine.log)
+        ckpt.load(path, engine.model, None, None, restore_rng=False, log=engine.log,
+                  fully_parallel=r.checkpoint.fully_parallel_load)
         if engine.optimizer is not None:
             # The optimizer's fp32 main weights were copied from the random init when it
             # was built; with bf16 its first step would write them back over the loaded ones.
@@ -310,16 +311,27 @@ def train(engine: Engine, task: TrainingTask,
         engine.log(f"nothing to do: the run is already at step {engine.start_step} of {t.steps} "
                    "(raise train.steps to continue)")
 
+    def saved_message(path: Path) -> None:
+        if logger:
+            logger.write(f"checkpoint: saved {path}")
+
+    c = r.checkpoint
+    saver = ckpt.Saver(r.checkpoint_dir, c.keep_last, async_save=c.async_save,
+                       fully_parallel=c.fully_parallel_save, tokenizer=engine.tokenizer_files,
+                       on_saved=saved_message, log=engine.log)
+
     def save(done: int) -> None:
-        sync_params(r, engine.ddp)
+        # A background save still in flight is published first: the task's state_dict may
+        # clean up after the checkpoints that exist (J-BOND's anchors).
+        saver.wait()
+        sync_params(r, engine.ddp)  # overlap_param_gather: the weights as last updated
         extra = {"consumed_samples": engine.first_sample(done), "recipe": r.to_dict()}
         state = task.state_dict()  # a loss's own state (BCO's running reward mean)
         if state:
             extra["task_state"] = state
-        path = ckpt.save(r.checkpoint_dir, done, engine.model, engine.optimizer, engine.scheduler,
-                         extra, r.checkpoint.keep_last, tokenizer=engine.tokenizer_files)
-        if logger:
-            logger.write(f"checkpoint: saved {path}")
+        path = saver.save(done, engine.model, engine.optimizer, engine.scheduler, extra)
+        if logger and saver.pending:
+            logger.write(f"checkpoint: writing {path} in the background")
 
     try:
         with _StopSignals() as signals:
@@ -329,6 +341,7 @@ def train(engine: Engine, task: TrainingTask,
                 reduced = run_step(engine, task, step)
                 loss = reduced.get("loss", float("nan"))
                 if not math.isfinite(loss):
+                    saver.wait()  # the last good checkpoint, if still being written
                     raise NonFiniteLoss(
                         f"loss is {loss} at step {done}; stopping without saving. The last good "
                         f"checkpoint in {r.checkpoint_dir} is untouched; lower train.lr or check the "
@@ -337,6 +350,7 @@ def train(engine: Engine, task: TrainingTask,
                 lr = engine.optimizer.param_groups[0]["lr"]  # the rate this step applies
                 _, grad_norm, _ = engine.optimizer.step()
                 if grad_norm is not None and not math.isfinite(grad_norm):
+                    saver.wait()
                     raise NonFiniteLoss(
                         f"gradient norm is {grad_norm} at step {done}; stopping without saving. The "
                         f"last good checkpoint in {r.checkpoint_dir} is untouched."
@@ -366,13 +380,17 @@ def train(engine: Engine, task: TrainingTask,
                 saved = (r.checkpoint.save_every and done % r.checkpoint.save_every == 0) or done == t.steps
                 if saved:
                     save(done)
+                saver.poll()  # publish a finished background save
                 signum = signals.agreed()
                 if signum and done < t.steps:  # after the last step there is nothing to stop
                     if not saved:
                         save(done)
+                    saver.wait()
                     raise Stopped(f"stopped by signal {signum} after step {done}; its checkpoint is "
                                   "saved: run the same command again to resume", signum)
+            saver.wait()  # the final checkpoint
     finally:
+        saver.abort()  # only a failure leaves a save in flight here
         if logger:
             logger.close()
         trackers.close()

@@ -173,9 +173,7 @@ def load_backbone(path: Path, model, log=print) -> bool:
     from megatron.core.dist_checkpointing import ShardedTensor
     from megatron.core.dist_checkpointing.dict_utils import nested_values
 
-    reason = ckpt.verify(path)
-    if reason:
-        raise ckpt.CheckpointError(f"cannot load {path}: {reason}")
+    ckpt.verify_contents(path, log)
     state = model.sharded_state_dict()
     head = _head_keys(state)
     saved = dist_checkpointing.load_tensors_metadata(str(path))

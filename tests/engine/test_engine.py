@@ -38,6 +38,24 @@ def reference(tmp_path_factory, prepared_prefix):
     return {"recipe": recipe, "run": tmp / "run", "losses": losses(tmp / "run"), "log": proc}
 
 
+@pytest.fixture(scope="module")
+def layout_run(reference, tmp_path_factory):
+    """``layout_run(name)``: the reference's checkpoint of step 1 resumed at layout
+    ``name`` for steps 2-6 (synchronous saves at 2, 4, 6), run once per module."""
+    runs = {}
+
+    def run(layout: str) -> dict:
+        if layout not in runs:
+            dest = tmp_path_factory.mktemp(layout) / "run"
+            start_from(reference, 1, dest)
+            proc = hcx("pretrain", str(reference["recipe"]), f"output_dir={dest}",
+                       *LAYOUTS[layout])
+            runs[layout] = {"run": dest, "proc": proc, "losses": losses(dest)}
+        return runs[layout]
+
+    return run
+
+
 def start_from(reference, step: int, dest: Path) -> None:
     """Give a new run directory the reference's checkpoint of ``step`` to resume from."""
     name = ckpt.step_dir_name(step)
@@ -58,15 +76,14 @@ def test_reference_run_learns_and_logs(reference):
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_parallel_layout_matches_single_process(reference, tmp_path, layout):
+def test_parallel_layout_matches_single_process(reference, layout_run, layout):
     """Resume the single-process checkpoint of step 1 at another layout: the next 5
     optimizer steps (same global batches) give the same losses within 1e-5."""
-    start_from(reference, 1, tmp_path / "run")
-    proc = hcx("pretrain", str(reference["recipe"]), f"output_dir={tmp_path / 'run'}",
-               *LAYOUTS[layout])
+    run = layout_run(layout)
+    proc = run["proc"]
     assert "launching 2 processes" in proc.stderr
     assert "resumed from" in proc.stdout and "at step 1" in proc.stdout
-    got, ref = losses(tmp_path / "run"), reference["losses"]
+    got, ref = run["losses"], reference["losses"]
     assert sorted(got) == [2, 3, 4, 5, 6]
     for step in got:
         assert abs(got[step] - ref[step]) < 1e-5, (layout, step, got[step], ref[step])
@@ -90,12 +107,13 @@ def test_tp1_checkpoint_loads_at_tp2_and_pp2_with_identical_logits(reference, tm
 
 
 def run_and_kill_after(args: list[str], run_dir: Path, kill_after_step: int,
-                       command: str = "pretrain") -> None:
+                       command: str = "pretrain", env: dict | None = None,
+                       before_kill=None) -> None:
     """Start ``hcx COMMAND`` and SIGKILL its whole process group once ``kill_after_step``
-    is in metrics.jsonl."""
+    is in metrics.jsonl (calling ``before_kill()`` just before)."""
     proc = subprocess.Popen([sys.executable, "-m", "hcx.cli", command, *args], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+                            start_new_session=True, env={**os.environ, **(env or {})})
     metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + 300
     try:
@@ -108,9 +126,33 @@ def run_and_kill_after(args: list[str], run_dir: Path, kill_after_step: int,
             time.sleep(0.05)
         else:
             pytest.fail("the run did not reach the step to kill at")
+        if before_kill is not None:
+            before_kill()
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_process_tree(proc.pid)
         proc.wait()
+
+
+def kill_process_tree(pid: int) -> None:
+    """SIGKILL a process and everything it started, as a machine failure would: its process
+    group and those of its descendants (torchrun starts each worker in a session of its
+    own, and a worker's checkpoint writers are forked into the worker's group)."""
+    import psutil
+
+    groups = {pid}
+    try:
+        for child in psutil.Process(pid).children(recursive=True):
+            try:
+                groups.add(os.getpgid(child.pid))
+            except ProcessLookupError:
+                pass
+    except psutil.NoSuchProcess:
+        pass
+    for group in groups:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 @pytest.mark.parametrize("layout", ["single", "pp2"])
@@ -148,10 +190,15 @@ def test_half_written_checkpoint_is_skipped(reference, tmp_path):
     # 2) The checkpoint 'latest' names lost a file after it was written.
     damaged = start_from_dir / ckpt.step_dir_name(2)
     next(damaged.glob("*.distcp")).unlink()
+    # 3) A newer one, complete, whose shard had a byte flipped on disk.
+    flipped = start_from_dir / ckpt.step_dir_name(3)
+    shutil.copytree(reference["run"] / "checkpoints" / flipped.name, flipped)
+    flip_byte(flipped / "__0_1.distcp")
 
     proc = hcx("pretrain", str(reference["recipe"]), f"output_dir={run}")
     assert f"skipping half-written checkpoint {partial}" in proc.stdout
     assert f"names {damaged}, which is not usable (missing file" in proc.stdout
+    assert f"skipping {flipped}: file __0_1.distcp is damaged" in proc.stdout
     assert "resumed from" in proc.stdout and "at step 1" in proc.stdout
     assert losses(run) == {s: v for s, v in reference["losses"].items() if s > 1}
     assert not partial.exists()  # cleaned up once a new checkpoint landed
@@ -173,11 +220,12 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(reference, tmp_pat
     assert not list((run / "checkpoints").glob(f"*{bad_step:08d}*"))
 
 
-@pytest.mark.parametrize("layout", ["single", "tp2"])
+@pytest.mark.parametrize("layout", ["single", "tp2", "async"])
 def test_sigterm_saves_and_resumes(reference, tmp_path, layout):
     """SIGTERM (as SLURM preemption sends) stops after the current step with a
-    checkpoint of it; the same command resumes and reproduces the losses."""
-    extra = [] if layout == "single" else LAYOUTS[layout]
+    checkpoint of it; the same command resumes and reproduces the losses. With async
+    saves, the stop waits for the checkpoint's background write and publishes it."""
+    extra = {"single": [], "async": ["checkpoint.async_save=true"]}.get(layout) or LAYOUTS[layout]
     run = tmp_path / "run"
     args = [str(reference["recipe"]), f"output_dir={run}", "checkpoint.save_every=0", *extra]
     proc = subprocess.Popen([sys.executable, "-m", "hcx.cli", "pretrain", *args], cwd=ROOT,
@@ -278,3 +326,90 @@ def test_checkpoint_of_another_shape_is_refused_naming_the_tensor(reference, tmp
     assert proc.returncode == 1, proc.stderr
     assert ("tensor decoder.layers.mlp.linear_fc2.weight has shape (2, 64, 176) in the checkpoint "
             "but (2, 64, 192) in this model") in proc.stderr, proc.stderr
+
+
+# --- checksums, async and fully parallel saves ----------------------------------------
+
+
+def flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("victim", ["__0_0.distcp", "common.pt", ".metadata", "metadata.json",
+                                    "hcx.json", "rng/rank_00000.pt", "manifest.json"])
+def test_flipped_byte_is_refused_naming_the_file(reference, tmp_path, victim):
+    """Every file of a checkpoint is checksummed: one flipped byte anywhere and loading
+    refuses it by name; resume falls back to the checkpoint before it."""
+    import re
+
+    ckpts = tmp_path / "checkpoints"
+    for step in (2, 3):
+        shutil.copytree(reference["run"] / "checkpoints" / ckpt.step_dir_name(step),
+                        ckpts / ckpt.step_dir_name(step))
+    (ckpts / "latest").write_text(ckpt.step_dir_name(3) + "\n")
+    bad = ckpts / ckpt.step_dir_name(3)
+    assert ckpt.checksum_failure(bad) is None
+    flip_byte(bad / victim)
+    named = rf"(file|unreadable) {re.escape(victim)}"
+    with pytest.raises(ckpt.CheckpointError, match=rf"cannot load {re.escape(str(bad))}: {named}"):
+        ckpt.load(bad, model=None)
+    for find in (ckpt.find_resumable, ckpt.resume_point):
+        log = []
+        found = find(ckpts, log=log.append)
+        assert (found if isinstance(found, Path) else found.path) == ckpts / ckpt.step_dir_name(2)
+        assert any(re.search(rf"{re.escape(str(bad))}.*{named}", line) for line in log), log
+
+
+def test_checkpoint_without_manifest_loads_with_a_warning(reference, tmp_path):
+    """Checkpoints of earlier hcx versions have no manifest: still resumable/loadable."""
+    old = tmp_path / ckpt.step_dir_name(2)
+    shutil.copytree(reference["run"] / "checkpoints" / old.name, old)
+    (old / ckpt.MANIFEST).unlink()
+    log = []
+    ckpt.verify_contents(old, log=log.append)
+    assert "has no manifest.json" in log[0] and "without verifying checksums" in log[0]
+    assert ckpt.find_resumable(tmp_path, log=log.append).path == old
+
+
+def test_async_fully_parallel_dp2_survives_sigkill_mid_write(reference, layout_run, tmp_path):
+    """DP=2, checkpoints written in the background (async) with the replicated state split
+    over both ranks (fully parallel save). SIGKILL while the step-4 save is still being
+    written (training already at step 5): resume takes the complete step-2 checkpoint
+    (fully parallel load) and reproduces the synchronous DP=2 run bit for bit; keep_last
+    prunes only finished checkpoints."""
+    sync = layout_run("dp2")["losses"]  # steps 2-6 from step 1, synchronous saves
+    run = tmp_path / "run"
+    start_from(reference, 1, run)
+    ckpts = run / "checkpoints"
+    args = [str(reference["recipe"]), f"output_dir={run}", *LAYOUTS["dp2"],
+            "checkpoint.async_save=true", "checkpoint.fully_parallel_save=true",
+            "checkpoint.fully_parallel_load=true", "checkpoint.save_every=2",
+            "checkpoint.keep_last=2"]
+    in_flight = ckpts / (ckpt.step_dir_name(4) + ckpt.INCOMPLETE)
+    seen = {}
+
+    def mid_write() -> None:  # step 5 trained while the step-4 save is being written
+        seen.update(latest=(ckpts / "latest").read_text().strip(), in_flight=in_flight.is_dir())
+
+    # Each rank's writer sleeps 3 s after its shards: the save of step 4 is in flight
+    # while step 5 trains.
+    run_and_kill_after(args, run, kill_after_step=5, env={ckpt.WRITE_DELAY_ENV: "3"},
+                       before_kill=mid_write)
+    assert seen == {"latest": ckpt.step_dir_name(2), "in_flight": True}, seen
+    assert not (ckpts / ckpt.step_dir_name(4)).exists()
+    assert list((ckpts / ckpt.step_dir_name(2)).glob("__1_*.distcp"))  # rank 1 wrote a share
+    killed = losses(run)
+    assert killed == {s: sync[s] for s in killed} and max(killed) == 5
+
+    proc = hcx("pretrain", *args)
+    assert f"skipping half-written checkpoint {in_flight}" in proc.stdout
+    assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
+    assert "in the background" in proc.stdout
+    assert losses(run) == sync  # exact float equality, every step
+    # keep_last=2 of the finished ones; nothing half-written left behind
+    assert sorted(p.name for p in ckpts.iterdir()) == [
+        "latest", ckpt.step_dir_name(4), ckpt.step_dir_name(6)]
+    assert (ckpts / "latest").read_text().strip() == ckpt.step_dir_name(6)
+    assert ckpt.find_resumable(ckpts, log=lambda _: None).step == 6
