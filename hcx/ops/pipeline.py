@@ -120,9 +120,17 @@ class Stage:
                             sort_keys=True).encode())
         for word in self.argv:
             for path in _named_files(word):
+                if self.writes(path):  # its own output is not an input: a rerun would differ
+                    continue
                 h.update(str(path).encode())
                 h.update(_file_digest(path).encode())
         return h.hexdigest()[:20]
+
+
+    def writes(self, path: Path) -> bool:
+        """Whether ``path`` is the stage's output or inside its folder."""
+        path = path.resolve()
+        return path == self.output.resolve() or path.is_relative_to(self.dir.resolve())
 
 
 def _substitute(word: str, values: dict[str, str], stage: str) -> str:

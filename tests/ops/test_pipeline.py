@@ -59,6 +59,25 @@ def test_key_follows_the_files_a_stage_names(tmp_path):
     assert b.key({"a": "k1"}) != k
 
 
+def test_key_ignores_what_the_stage_writes(tmp_path):
+    """A file the stage writes (``--out ${dir}/pairs.jsonl``, or its ``output``) is not an
+    input: its appearing after the first run must not change the key (the stage and every
+    one after it would rerun on each ``hcx run``)."""
+    spec = load_pipeline(write(tmp_path / "p.yaml", {
+        "name": "p", "output_dir": str(tmp_path / "o"), "stages": [
+            {"name": "a", "run": ["data", "feedback", "--out", "${dir}/pairs.jsonl"]},
+            {"name": "b", "run": ["generate", "x", "--log", "${output_dir}/logs/b.log"],
+             "output": "${output_dir}/logs/b.log"}]}))
+    a = Stage(spec.stages[0], tmp_path / "o", {})
+    b = Stage(spec.stages[1], tmp_path / "o", {})
+    before = a.key({}), b.key({})
+    (tmp_path / "o" / "a").mkdir(parents=True)
+    (tmp_path / "o" / "a" / "pairs.jsonl").write_text("{}\n")
+    (tmp_path / "o" / "logs").mkdir()
+    (tmp_path / "o" / "logs" / "b.log").write_text("done\n")
+    assert (a.key({}), b.key({})) == before
+
+
 @pytest.mark.slow
 def test_pipeline_caches_resumes_and_reruns_changed_stages(tmp_path, sft_checkpoint):
     out = tmp_path / "out"
