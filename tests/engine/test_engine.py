@@ -225,7 +225,8 @@ def test_sigterm_saves_and_resumes(reference, tmp_path, layout):
     """SIGTERM (as SLURM preemption sends) stops after the current step with a
     checkpoint of it; the same command resumes and reproduces the losses. With async
     saves, the stop waits for the checkpoint's background write and publishes it."""
-    extra = {"single": [], "async": ["checkpoint.async_save=true"]}.get(layout) or LAYOUTS[layout]
+    own = {"single": [], "async": ["checkpoint.async_save=true"]}
+    extra = own[layout] if layout in own else LAYOUTS[layout]
     run = tmp_path / "run"
     args = [str(reference["recipe"]), f"output_dir={run}", "checkpoint.save_every=0", *extra]
     proc = subprocess.Popen([sys.executable, "-m", "hcx.cli", "pretrain", *args], cwd=ROOT,
