@@ -165,6 +165,17 @@ class Extension:
     merges: list[tuple[str, str]] = field(default_factory=list)  # byte-level: appended merges
     characters: int = 0  # single-character pieces among ``pieces`` (SentencePiece)
 
+    def first(self, n: int) -> "Extension":
+        """The extension learning ``n`` pieces would give: BPE merges are learned greedily
+        in order, so a shorter run is a prefix of a longer one."""
+        merges, wanted = [], set(self.pieces[:n])
+        for left, right in self.merges:
+            if not wanted:
+                break
+            merges.append((left, right))
+            wanted.discard(left + right)
+        return Extension(self.base_vocab_size, self.pieces[:n], merges, min(self.characters, n))
+
 
 class SentencePieceBase:
     """A SentencePiece BPE model file."""
@@ -482,21 +493,33 @@ def check(base_path: Path, out: Path, base_vocab: int, docs: list[str]) -> dict:
 def extend(base_spec: str, corpus: list[str], add: int, out: Path | None = None,
            text_field: str = "text", sample_chars: int = 20_000_000, log=print) -> Path:
     """Learn ``add`` pieces on ``corpus`` and write the extended tokenizer to ``out``
-    (default: ``<base name>-ko<add>`` beside the current directory), atomically."""
+    (default: ``<base folder>-ko<add>`` in the current directory), atomically."""
     if add <= 0:
         raise ExtensionError(f"--add must be positive, got {add}")
     t0 = time.time()
     base = open_base(base_spec)
     out = Path(out) if out else Path(f"{base.path.parent.name}-ko{add}")
-    if out.exists() and not (out / "extension.json").exists() and any(out.iterdir()):
-        raise ExtensionError(f"{out} exists and is not an extended tokenizer (no "
-                             "extension.json): choose a new directory")
+    refuse_to_replace(out)
     docs = read_corpus(corpus, text_field, sample_chars, log)
     log(f"learning {add:,} pieces on top of {base.path} ({base.kind}, {base.vocab_size:,} ids)")
     ext = base.learn(docs, add, log)
     if len(ext.pieces) < add:
         log(f"warning: the corpus gave only {len(ext.pieces):,} new pieces (pairs seen twice "
             "or more ran out); use more Korean text for more")
+    return write_extension(base, ext, out, docs, {"corpus": corpus}, time.time() - t0, log)
+
+
+def refuse_to_replace(out: Path) -> None:
+    if out.exists() and not (out / "extension.json").exists() and any(out.iterdir()):
+        raise ExtensionError(f"{out} exists and is not an extended tokenizer (no "
+                             "extension.json): choose a new directory")
+
+
+def write_extension(base, ext: Extension, out: Path, docs: list[str], record: dict,
+                    seconds: float, log=print) -> Path:
+    """Write and check ``ext`` into ``out`` (replacing an earlier extension there); the
+    directory appears complete or not at all."""
+    t0 = time.time()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     tmp.chmod(0o755)
@@ -509,8 +532,8 @@ def extend(base_spec: str, corpus: list[str], add: int, out: Path | None = None,
             "vocab_size": base.vocab_size + len(ext.pieces),
             "added": len(ext.pieces), "added_characters": ext.characters,
             "appended_merges": len(ext.merges) or None,
-            "corpus": corpus, "corpus_characters": sum(map(len, docs)),
-            "seconds": round(time.time() - t0, 1), **report,
+            **record, "corpus_characters": sum(map(len, docs)),
+            "seconds": round(seconds + time.time() - t0, 1), **report,
         }
         (tmp / "extension.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
         for p in tmp.iterdir():

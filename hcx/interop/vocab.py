@@ -49,9 +49,14 @@ def tokenizer_file(directory: Path) -> Path:
     raise VocabError(f"{directory}: no tokenizer.model or tokenizer.json")
 
 
+def is_sentencepiece(path: Path) -> bool:
+    """A SentencePiece model file (``tokenizer.model``, ``*.model.v1``, ...), not JSON."""
+    return not path.name.endswith((".json", ".json.xz"))
+
+
 def _strings(path: Path) -> list[str | None]:
     """Token string per id of a SentencePiece model or a tokenizer.json."""
-    if path.name.endswith(".model"):
+    if is_sentencepiece(path):
         from hcx.tokenizer.hf import read_model_proto
 
         return [p.piece for p in read_model_proto(path).pieces]
@@ -88,7 +93,7 @@ def plan_extension(hf_dir: Path, config_vocab: int, extended: Path) -> VocabExte
     base_file = hf_dir / ext_file.name
     if not base_file.is_file():
         base_file = tokenizer_file(hf_dir)
-    if base_file.suffix != ext_file.suffix:
+    if is_sentencepiece(base_file) != is_sentencepiece(ext_file):
         raise VocabError(f"--tokenizer {ext_file}: a {ext_file.name} but {hf_dir} has "
                          f"{base_file.name}; extend the model's own tokenizer "
                          f"('hcx tokenizer extend {hf_dir} ...')")
@@ -111,7 +116,7 @@ def plan_extension(hf_dir: Path, config_vocab: int, extended: Path) -> VocabExte
 def base_pieces(plan: VocabExtension) -> list[list[int]]:
     """For each new id, the base ids its token splits into with the base tokenizer."""
     strings = _strings(plan.extended)[plan.base_vocab_size:plan.tokenizer_vocab_size]
-    if plan.base.name.endswith(".model"):
+    if is_sentencepiece(plan.base):
         import sentencepiece as spm
 
         from hcx.tokenizer.hf import read_model_proto
