@@ -183,9 +183,10 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=0)
     ap.add_argument("--eval-sentences", type=int, default=300)
     ap.add_argument("--work", default="runs/bench-vocab-extension")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--json")
     args = ap.parse_args()
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    torch.set_num_threads(args.threads)  # more threads than free cores spin: far slower
 
     from hcx.data.tokenizer_extend import open_base, read_corpus, write_extension
     from hcx.interop.vocab import VocabExtension, base_pieces, tokenizer_file

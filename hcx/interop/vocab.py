@@ -12,8 +12,9 @@ them for new ids), and each new row is initialised by ``--new-rows``:
   ``"▁안녕하세요"`` starts as the average of ``"▁안녕"`` and ``"하세요"``). The model's first
   reading of a new token is then close to its reading of the old pieces, and the new
   token's logit starts near theirs, rather than at an arbitrary value that the softmax
-  punishes or favours (Hewitt 2021, "Initializing new word embeddings"; EEVE, arXiv:2402.14714,
-  initialises input rows this way);
+  punishes or favours (Hewitt 2021, "Initializing new word embeddings for pretrained
+  language models"; EEVE's "subword initialization", arXiv:2402.14714, also starts new
+  rows from their pieces);
 - ``random``: normal with mean 0 and the standard deviation of the matrix's old rows
   (what training from scratch would give them), seeded.
 
