@@ -285,6 +285,16 @@ class TrainConfig(Strict):
     fp8: FP8Config | None = Field(default=None, description="FP8 matmuls through "
                                     "Transformer Engine (NVIDIA Hopper or newer); None = off")
 
+    trainable: list[str] = Field(
+        default_factory=lambda: ["all"],
+        description="what trains (hcx.engine.trainable): all, embeddings, input_embeddings, "
+        "output_embeddings, new_embeddings, new_input_embeddings, new_output_embeddings "
+        "(the rows from train.new_tokens_from), or parameter-name globs; the rest is frozen")
+    new_tokens_from: int | None = Field(
+        default=None, gt=0, description="the first id a vocabulary extension added ('hcx "
+        "import --tokenizer' sets it): the new_* choices of train.trainable train the rows "
+        "from here to the tokenizer's size")
+
     @field_validator("recompute", mode="before")
     @classmethod
     def _recompute_bool(cls, value):
@@ -292,6 +302,11 @@ class TrainConfig(Strict):
         if isinstance(value, bool):
             return "full" if value else "none"
         return value
+
+    @field_validator("trainable", mode="before")
+    @classmethod
+    def _one_or_more(cls, value):
+        return [value] if isinstance(value, str) else value
 
 
 class CheckpointConfig(Strict):
@@ -632,6 +647,13 @@ def layout_errors(r: Recipe) -> list[tuple[str, str]]:
     check(not (r.data.eval_every and len(split) == 3 and split[1] == 0), "data.eval_every",
           f"data.eval_every={r.data.eval_every} needs a validation part in data.split "
           f"(got {r.data.split!r}); set data.eval_every=0 or e.g. data.split=98,2,0")
+    check(t.new_tokens_from is not None or not any(s.startswith("new_") for s in t.trainable),
+          "train.trainable", f"train.trainable={t.trainable} trains new token rows but "
+          "train.new_tokens_from is not set (the first added id; 'hcx import --tokenizer' "
+          "writes it into the recipe stub)")
+    check(t.trainable == ["all"] or p.pp == 1, "train.trainable",
+          f"train.trainable={t.trainable} needs parallel.pp=1 (a pipeline stage with nothing "
+          "to train has no optimizer); use tensor and data parallelism")
     names = [s.name for s in r.data.sources]
     dup = sorted({n for n in names if names.count(n) > 1})
     check(not dup, "data.sources", f"duplicate source names: {dup}")

@@ -1,5 +1,5 @@
 """``hcx data prepare``, ``hcx data jsft``, ``hcx data feedback``, ``hcx tokenize``, ``hcx tokenizer
-stats|train``: corpora, training data made from other data, and tokenizers."""
+stats|train|extend``: corpora, training data made from other data, and tokenizers."""
 
 from __future__ import annotations
 
@@ -132,6 +132,19 @@ def cmd_tokenizer_stats(args: argparse.Namespace, argv: list[str]) -> int:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump([r.to_dict() for r in rows], f, indent=1)
+    return 0
+
+
+def cmd_tokenizer_extend(args: argparse.Namespace, argv: list[str]) -> int:
+    from hcx.data import tokenizer_extend
+
+    out = tokenizer_extend.extend(args.base, args.corpus, args.add,
+                                  Path(args.out) if args.out else None,
+                                  text_field=args.text_field, sample_chars=args.sample_chars,
+                                  log=log)
+    print(out)
+    log(f"next: hcx import HF_DIR OUT --tokenizer {out} (new embedding rows start as the "
+        "mean of their pieces' old rows)")
     return 0
 
 
@@ -293,4 +306,28 @@ def add_parsers(sub) -> None:
     p.add_argument("spec", help="tokenizer spec YAML, e.g. tokenizer/hcx-ko-en-32k.yaml")
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     p.set_defaults(func=cmd_tokenizer_train)
+
+    p = tok.add_parser(
+        "extend", help="add learned Korean pieces to an existing tokenizer, old ids kept",
+        description="Learn N new Korean pieces on a corpus, as BPE merges on top of the base "
+                    "tokenizer's own tokens, and append them: a SentencePiece BPE .model (new "
+                    "pieces scored below every old one; Korean characters it spells in bytes "
+                    "added first) or a byte-level BPE tokenizer.json (new tokens and merges "
+                    "after the existing ones). Every old id keeps its piece and text without "
+                    "Korean encodes as before (checked). Writes OUT/tokenizer.json (+ "
+                    "tokenizer.model for SentencePiece, checked to encode the same), the "
+                    "base's tokenizer_config.json and extension.json. Next: hcx import "
+                    "HF_DIR OUT --tokenizer EXTENDED.")
+    p.add_argument("base", metavar="BASE",
+                   help="a SentencePiece .model, a tokenizer.json, or a directory with one "
+                        "(e.g. a Hugging Face model directory)")
+    p.add_argument("--corpus", action="append", required=True, metavar="FILES",
+                   help="Korean text: JSONL (--text-field), plain text, a directory or a glob; "
+                        "data:// paths work; repeatable")
+    p.add_argument("--add", type=int, required=True, metavar="N", help="new pieces to learn")
+    p.add_argument("-o", "--out", help="output directory (default: <base folder>-ko<N>)")
+    p.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    p.add_argument("--sample-chars", type=int, default=20_000_000,
+                   help="read at most this many characters of the corpus (default 20M)")
+    p.set_defaults(func=cmd_tokenizer_extend)
 

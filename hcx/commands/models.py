@@ -24,7 +24,9 @@ def cmd_export(args: argparse.Namespace, argv: list[str]) -> int:
 def cmd_import(args: argparse.Namespace, argv: list[str]) -> int:
     from hcx.interop.hf import import_hf
 
-    stub = import_hf(Path(args.hf_dir), Path(args.out), tp=args.tp, pp=args.pp, log=log)
+    stub = import_hf(Path(args.hf_dir), Path(args.out), tp=args.tp, pp=args.pp, log=log,
+                     tokenizer=Path(args.tokenizer) if args.tokenizer else None,
+                     new_rows=args.new_rows)
     print(stub)
     log(f"next: write a recipe with 'base: {stub}' and your data.sources (see the comments "
         "in it), then: hcx pretrain YOUR_RECIPE.yaml")
@@ -279,6 +281,14 @@ def add_parsers(sub) -> None:
                    help="output directory (new, or an earlier import, which is replaced)")
     p.add_argument("--tp", type=int, default=1, help="parallel.tp of the recipe stub (default: 1)")
     p.add_argument("--pp", type=int, default=1, help="parallel.pp of the recipe stub (default: 1)")
+    p.add_argument("--tokenizer", metavar="EXTENDED",
+                   help="import with this extension of the model's tokenizer ('hcx tokenizer "
+                        "extend'): the embedding and output layer grow to it, and the stub "
+                        "sets train.new_tokens_from to its first new id")
+    p.add_argument("--new-rows", choices=["mean", "random"], default="mean",
+                   help="with --tokenizer, each new token's rows start as the mean of the "
+                        "rows of the pieces the model's tokenizer splits it into (default), "
+                        "or random (normal, the old rows' standard deviation)")
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser(

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from hcx.engine import checkpoint as ckpt
 from hcx.engine.batches import rank_microbatches
-from hcx.engine import metrics, tracking
+from hcx.engine import metrics, tracking, trainable
 from hcx.config import Recipe
 from hcx.errors import HcxError, Stopped
 from hcx.engine.model import build_gpt, check_machine, compute_dtype, padded_vocab_size
@@ -152,6 +152,8 @@ def build_engine(recipe: Recipe, vocab_size: int, with_optimizer: bool = True,
     model.config.calculate_per_token_loss = per_token_loss
     if modify_model is not None:
         modify_model(model)
+    # train.trainable: freeze before DDP and the optimizer see the parameters.
+    masked = trainable.apply(model, recipe, vocab_size, log=log_rank0) if with_optimizer else {}
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     module = model
@@ -168,7 +170,8 @@ def build_engine(recipe: Recipe, vocab_size: int, with_optimizer: bool = True,
         scheduler = build_scheduler(recipe, optimizer)
         # As Megatron-LM's training.py: DP/TP grad reduction (incl. tied embeddings
         # across pipeline stages and sequence-parallel norms) after the backward pass.
-        model.config.finalize_model_grads_func = finalize_model_grads
+        model.config.finalize_model_grads_func = trainable.after_reduction(finalize_model_grads,
+                                                                           masked)
         model.config.grad_scale_func = optimizer.scale_loss
     return Engine(recipe, topo, model, ddp, optimizer, scheduler, dtype, padded)
 

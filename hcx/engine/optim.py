@@ -73,7 +73,17 @@ def build_optimizer(recipe: Recipe, model_chunks: list, dtype: torch.dtype):
         # forward pre-hooks of the next step instead of gathering at once.
         overlap_param_gather=recipe.parallel.overlap_param_gather,
     )
-    return get_megatron_optimizer(config, model_chunks)
+    overrides = None
+    if recipe.train.trainable != ["all"]:
+        from megatron.core.optimizer import ParamKey, get_standard_config_overrides
+
+        from hcx.engine.trainable import ROW_MASKED
+
+        # A matrix that trains only some rows takes no weight decay: decay would move its
+        # frozen rows (hcx.engine.trainable).
+        overrides = get_standard_config_overrides(config)
+        overrides[ParamKey(attr=ROW_MASKED)] = {"wd_mult": 0.0}
+    return get_megatron_optimizer(config, model_chunks, config_overrides=overrides)
 
 
 def build_scheduler(recipe: Recipe, optimizer):

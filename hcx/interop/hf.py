@@ -611,12 +611,15 @@ def _stub_yaml(stub: dict, hf_dir: Path, out: Path) -> str:
 {section("checkpoint")}"""
 
 
-def import_hf(hf_dir: Path, out: Path, tp: int = 1, pp: int = 1, log=print) -> Path:
+def import_hf(hf_dir: Path, out: Path, tp: int = 1, pp: int = 1, log=print,
+              tokenizer: Path | None = None, new_rows: str = "mean") -> Path:
     """Write ``out``: ``checkpoint/`` (the weights as an hcx checkpoint), ``tokenizer/``
     (the model's tokenizer files) and ``recipe.yaml`` (a stub to continue pretraining
     from at ``tp``/``pp``). The config, layout, tokenizer and every tensor are checked
     before ``out`` is touched, and ``out`` appears complete or not at all. Returns the
-    stub's path."""
+    stub's path. ``tokenizer``: an extension of the model's tokenizer (``hcx tokenizer
+    extend``) to import with instead, new rows initialised by ``new_rows``
+    (:mod:`hcx.interop.vocab`)."""
     from hcx.config import TokenizerConfig
     from hcx.engine import checkpoint
     from hcx.engine import parallel
@@ -630,7 +633,13 @@ def import_hf(hf_dir: Path, out: Path, tp: int = 1, pp: int = 1, log=print) -> P
         config = json.loads(config_file.read_text())
     except (OSError, ValueError) as e:
         raise InteropError(f"{config_file}: cannot read a model config: {e}") from None
-    kind, file = _tokenizer_kind(hf_dir)
+    hf_vocab, extension, tok_dir = config.get("vocab_size"), None, hf_dir
+    if tokenizer is not None:  # an extended tokenizer: the model grows to it
+        from hcx.interop import vocab as vocabulary
+
+        extension = vocabulary.plan_extension(hf_dir, int(hf_vocab or 0), Path(tokenizer))
+        config, tok_dir = {**config, "vocab_size": extension.vocab_size}, extension.directory
+    kind, file = _tokenizer_kind(tok_dir)
     stub, recipe = recipe_from_hf(config, name=hf_dir.name, tp=tp, pp=pp,
                                   tokenizer={"kind": kind, "path": str(out / TOKENIZER_DIR / file)},
                                   init_from=str(out / CHECKPOINT_DIR), source=str(config_file))
@@ -639,12 +648,17 @@ def import_hf(hf_dir: Path, out: Path, tp: int = 1, pp: int = 1, log=print) -> P
     # carries its tokenizer: hcx.engine.checkpoint.tokenizer_bundle).
     stub["data"]["tokenizer"] = {"kind": kind, "path": f"{TOKENIZER_DIR}/{file}".rstrip("/")}
     stub["checkpoint"] = {"init_from": CHECKPOINT_DIR}
+    if extension is not None:  # rows from here are new (train.trainable: new_embeddings)
+        stub["train"]["new_tokens_from"] = extension.base_vocab_size
+        recipe.train.new_tokens_from = extension.base_vocab_size
     _refuse_to_overwrite(out)
     model, vocab = recipe.model, recipe.model.vocab_size
     with _building(out) as tmp:
-        _copy_tokenizer(hf_dir, config, kind, file, tmp / TOKENIZER_DIR)
-        tensors = read_hf_tensors(hf_dir, hf_tensor_shapes(model, vocab),
+        _copy_tokenizer(tok_dir, config, kind, file, tmp / TOKENIZER_DIR)
+        tensors = read_hf_tensors(hf_dir, hf_tensor_shapes(model, hf_vocab or vocab),
                                   family_of(config, str(config_file)))
+        if extension is not None:
+            tensors = vocabulary.resize_hf_tensors(tensors, extension, new_rows, log=log)
         log(f"import: {len(tensors)} tensors, {sum(t.numel() for t in tensors.values()):,} "
             f"parameters from {hf_dir}")
         # The local layer spec's names are hf_to_megatron's; its dist checkpoint keys are
@@ -664,7 +678,9 @@ def import_hf(hf_dir: Path, out: Path, tp: int = 1, pp: int = 1, log=print) -> P
                 kind=kind, path=str(tmp / TOKENIZER_DIR / file)))
             checkpoint.save_weights(tmp / CHECKPOINT_DIR, engine.model, {
                 "recipe": recipe.to_dict(),
-                "imported_from": {"hf_dir": str(hf_dir), "model_type": config["model_type"]}},
+                "imported_from": {"hf_dir": str(hf_dir), "model_type": config["model_type"],
+                                  **({"vocab_extension": vocabulary.extension_record(
+                                      extension, new_rows)} if extension else {})}},
                 tokenizer=carried)
         finally:
             parallel.shutdown()

@@ -46,9 +46,12 @@ def read_model_proto(path: Path):
     return proto
 
 
-def bpe_merges(pieces: list[tuple[str, int]], vocab: dict[str, int]) -> list[tuple[str, str]]:
+def bpe_merges(pieces: list[tuple[str, int]], vocab: dict[str, int],
+               scores: list[float] | None = None) -> list[tuple[str, str]]:
     """Every (left, right) whose concatenation is a normal piece, ordered by that piece's
-    id (SentencePiece BPE ids follow merge scores), then by the parts' ids."""
+    score, highest first (SentencePiece merges the best-scored pair first), then by its
+    id and the parts' ids. hcx's models score pieces in id order; Llama 2 and Mistral
+    give their whitespace-run pieces (``▁▁``...) the lowest score whatever their id."""
     merges = []
     for piece, kind in pieces:
         if kind != NORMAL or len(piece) < 2:
@@ -56,7 +59,8 @@ def bpe_merges(pieces: list[tuple[str, int]], vocab: dict[str, int]) -> list[tup
         for i in range(1, len(piece)):
             left, right = piece[:i], piece[i:]
             if left in vocab and right in vocab:
-                merges.append((vocab[piece], vocab[left], vocab[right], left, right))
+                rank = -scores[vocab[piece]] if scores is not None else 0.0
+                merges.append((rank, vocab[piece], vocab[left], vocab[right], left, right))
     merges.sort()
     return [(left, right) for *_, left, right in merges]
 
@@ -77,7 +81,8 @@ def build_tokenizer(model_path: Path):
     byte_fallback = proto.trainer_spec.byte_fallback
     if proto.trainer_spec.model_type == BPE:
         vocab = {piece: i for i, (piece, _) in enumerate(pieces)}
-        model = models.BPE(vocab=vocab, merges=bpe_merges(pieces, vocab), unk_token=unk,
+        scores = [p.score for p in proto.pieces]
+        model = models.BPE(vocab=vocab, merges=bpe_merges(pieces, vocab, scores), unk_token=unk,
                            byte_fallback=byte_fallback, fuse_unk=True)
     elif proto.trainer_spec.model_type == UNIGRAM:
         unk_id = next(i for i, (_, kind) in enumerate(pieces) if kind == UNKNOWN)

@@ -179,7 +179,7 @@ class TiktokenTokenizer:
 # --- loading ------------------------------------------------------------------------
 
 
-def _is_tiktoken_ranks(path: Path) -> bool:
+def is_tiktoken_ranks(path: Path) -> bool:
     try:
         with path.open("rb") as f:
             first = f.readline().split()
@@ -279,7 +279,7 @@ def open_tokenizer(spec: str) -> Tokenizer:
     try:
         if path.name.endswith((".json", ".json.xz")):
             return _hf_json(path, name)
-        if path.suffix == ".tiktoken" or _is_tiktoken_ranks(path):
+        if path.suffix == ".tiktoken" or is_tiktoken_ranks(path):
             return TiktokenTokenizer(path, name)
         return SentencePieceTokenizer(path, name)
     except TokenizerLoadError:
