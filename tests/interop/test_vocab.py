@@ -47,3 +47,25 @@ def test_import_with_an_extended_tokenizer_initialises_new_rows_as_means(tmp_pat
         means = torch.stack([want[ids].mean(0) for ids in pieces])
         assert torch.allclose(rows[32000:32060], means, atol=1e-6)
         assert torch.equal(rows[32060:], torch.zeros(68, 32))
+
+    # EEVE's first stage from the command line: continue pretraining on Korean text with
+    # only the new rows training, then export a Hugging Face directory of the grown model.
+    recipe = tmp_path / "continue.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "base": str(out / "recipe.yaml"), "name": "continue", "output_dir": str(tmp_path / "run"),
+        "data": {"seq_length": 32, "eval_every": 0, "split": "100,0,0",
+                 "prepare": {"workers": 1, "decontaminate": None},
+                 "sources": [{"name": "ko", "path": "data://train/pretrain/ko_nsmc_reviews/train.jsonl"}]},
+        "train": {"steps": 2, "global_batch_size": 2, "micro_batch_size": 1, "warmup_steps": 0,
+                  "trainable": "new_embeddings"},
+        "checkpoint": {"save_every": 0}, "logging": {"progress": False}}))
+    hcx("pretrain", str(recipe))
+    trained = weights(tmp_path / "run" / "checkpoints" / "step_00000002")
+    for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        assert torch.equal(trained[name][:32000], got[name][:32000])  # old rows frozen
+        assert not torch.equal(trained[name][32000:32060], got[name][32000:32060])
+    assert all(torch.equal(trained[k], v) for k, v in got.items()
+               if k not in ("embedding.word_embeddings.weight", "output_layer.weight"))
+    hcx("export", str(tmp_path / "run" / "checkpoints"), str(tmp_path / "hf-out"))
+    exported = LlamaForCausalLM.from_pretrained(tmp_path / "hf-out")
+    assert exported.config.vocab_size == 32060
