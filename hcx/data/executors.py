@@ -46,6 +46,28 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
+def _die_with_parent() -> None:
+    """In a forked child (datatrove's local executor forks a multiprocessing manager):
+    ask Linux to kill it when its parent dies, so a SIGKILLed run leaves nothing behind."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the child ends with its work instead
+        pass
+
+
+_HOOKED: list[bool] = []
+
+
+def reap_children_on_exit() -> None:
+    """Children forked from now on die with this process (once per process)."""
+    if not _HOOKED:
+        os.register_at_fork(after_in_child=_die_with_parent)
+        _HOOKED.append(True)
+
+
 class _QuietTasks:
     """A task's log goes to its file only (datatrove also prints it to stderr)."""
 
@@ -77,6 +99,7 @@ def make_executor(recipe: Recipe, stage: str, pipeline: list, tasks: int, loggin
     ex = cfg.executor
     workers = max(1, min(cfg.workers, tasks))
     if ex.kind == "local":
+        reap_children_on_exit()
         return LocalExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=str(logging_dir))
     if ex.kind == "ray":
         return RayExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=str(logging_dir),

@@ -579,11 +579,11 @@ def run(recipe: Recipe, progress: bool = True, log=print) -> dict:
     logger.add(str(work / "driver.log"), level="INFO")
     shutil.rmtree(work / "errors", ignore_errors=True)
     stages = build_stages(recipe, work, benchmarks, index_path, key)
-    done = sum(1 for f in (work / "logs" / "write" / "completions").glob("*")) \
-        if (work / "logs" / "write" / "completions").exists() else 0
+    completions = work / "logs" / "process" / "completions"
+    done = sum(1 for _ in completions.iterdir()) if completions.exists() else 0
     log(f"{len(stages.tasks)} task(s) on the {cfg.executor.kind} executor"
         + (f" ({cfg.workers} at a time)" if cfg.executor.kind != "slurm" else "")
-        + (f"; {done} already written by an earlier run" if done else "")
+        + (f"; {done} already processed by an earlier run" if done else "")
         + f"; work files and logs in {work}")
     if cfg.executor.kind == "slurm":
         name, last = stages.executors[-1]
@@ -694,13 +694,19 @@ def ensure_prepared(recipe: Recipe, force: bool = False, progress: bool = False,
 
     out = prepared_dir(recipe)
     out.mkdir(parents=True, exist_ok=True)
+    # A POSIX record lock (lockf), not flock: processes forked by the executor do not
+    # inherit it, so it is released the moment this process ends, however it ends.
     with open(out / ".lock", "w") as lock:
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
             log(f"waiting for another process to finish preparing data in {out}")
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            fcntl.lockf(lock, fcntl.LOCK_EX)
         if force or not is_prepared(recipe):
+            if recipe.data.prepare.executor.kind == "slurm":
+                raise PrepareError(f"the prepared data in {out} is missing or out of date, and "
+                                   "data.prepare.executor.kind is slurm: run 'hcx data prepare' "
+                                   "(it submits the jobs) and start again when they end")
             log(f"preparing data into {out} (hcx data prepare)")
             run(recipe, progress=progress, log=log)
         elif say_up_to_date:
