@@ -173,6 +173,8 @@ class ExecutorSettings(Strict):
     account: str | None = Field(default=None, description="slurm: account")
     time: str = Field(default="24:00:00", description="slurm: time limit per job")
     cpus_per_task: int = Field(default=1, ge=1, description="slurm/ray: CPUs per task")
+    tasks_per_job: int = Field(default=1, ge=1, description="slurm/ray: tasks run one after "
+                               "another in one array job or Ray actor (fewer, longer jobs)")
     mem_per_cpu_gb: float = Field(default=2.0, gt=0, description="slurm/ray: memory per CPU")
     sbatch_options: list[str] = Field(default_factory=list, description="slurm: extra "
                                       "#SBATCH lines, e.g. --qos=high")

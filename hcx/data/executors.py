@@ -103,7 +103,8 @@ def make_executor(recipe: Recipe, stage: str, pipeline: list, tasks: int, loggin
         return LocalExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=str(logging_dir))
     if ex.kind == "ray":
         return RayExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=str(logging_dir),
-                           cpus_per_task=ex.cpus_per_task, mem_per_cpu_gb=ex.mem_per_cpu_gb)
+                           cpus_per_task=ex.cpus_per_task, mem_per_cpu_gb=ex.mem_per_cpu_gb,
+                           tasks_per_job=ex.tasks_per_job)
     sbatch_args = {"account": ex.account}
     for opt in ex.sbatch_options:  # --qos=high -> qos: high
         key, _, value = opt.lstrip("-").partition("=")
@@ -119,7 +120,7 @@ def make_executor(recipe: Recipe, stage: str, pipeline: list, tasks: int, loggin
     return SlurmExecutor(
         pipeline, tasks=tasks, time=ex.time, partition=ex.partition,
         cpus_per_task=ex.cpus_per_task, mem_per_cpu_gb=ex.mem_per_cpu_gb,
-        job_name=f"hcx-prepare-{stage}", qos="", env_command="\n".join(env),
+        tasks_per_job=ex.tasks_per_job, job_name=f"hcx-prepare-{stage}", qos="", env_command="\n".join(env),
         sbatch_args=sbatch_args, logging_dir=str(logging_dir), depends=depends,
         slurm_logs_folder=str(logging_dir / "slurm_logs"), mail_type="", requeue_signals=None)
 

@@ -514,7 +514,8 @@ def finish(recipe: Recipe, work: Path, tasks: list, benchmarks: list[str], key: 
     (out / MANIFEST).write_text(json.dumps({
         "fingerprint": key, "format_version": FORMAT_VERSION,
         "sources": {s.name: str(out / s.name) for s in raw_sources(recipe)}}, indent=1) + "\n")
-    shutil.rmtree(work, ignore_errors=True)
+    if cfg.executor.kind != "slurm":  # a SLURM job still logs into it after this returns
+        shutil.rmtree(work, ignore_errors=True)
     return report
 
 

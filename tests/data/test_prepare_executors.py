@@ -1,0 +1,139 @@
+"""hcx data prepare on datatrove's other executors: the same bytes on a real local Ray
+cluster (2 workers) and through generated SLURM job scripts (run by stand-in sbatch/srun/
+scontrol that execute the array tasks here), as on the local executor."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, hcx
+from tests.data.test_prepare import make_recipe, prepared, stats
+
+SOURCES = [
+    {"name": "ko", "language": "ko", "path": "data://train/pretrain/ko_konlpy_kolaw_kobill/train.jsonl"},
+    {"name": "en", "language": "en", "path": "data://train/pretrain/en_tiny_shakespeare/train.jsonl"},
+]
+# Several tasks per source, so that tasks really run side by side and their shards are
+# concatenated, and dedup pairs cross shards.
+SETTINGS = {"executor": {"shard_mb": 0.6}}
+
+
+def outputs(tmp: Path) -> dict[str, bytes]:
+    return {f"{n}{ext}": (prepared(tmp) / f"{n}{ext}").read_bytes()
+            for n in ("ko", "en") for ext in (".bin", ".idx")}
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory, shared_data):
+    """The reference: the local executor, 2 workers."""
+    tmp = tmp_path_factory.mktemp("local")
+    hcx("data", "prepare", str(make_recipe(tmp, SOURCES, workers=2, **SETTINGS)))
+    return outputs(tmp), stats(tmp)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One real local Ray cluster (2 CPUs) for every Ray test of the module."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_ray_executor_writes_what_the_local_one_writes(tmp_path, local_run, ray_cluster):
+    from hcx.config import load_recipe
+    from hcx.data import prepare
+
+    recipe = load_recipe(make_recipe(tmp_path, SOURCES, workers=2, **SETTINGS),
+                         ["data.prepare.executor.kind=ray", "data.prepare.executor.mem_per_cpu_gb=0.25"])
+    report = prepare.run(recipe, progress=False, log=lambda m: None)
+    assert report["executor"] == "ray" and report["tasks"] > 2
+    assert outputs(tmp_path) == local_run[0]
+    assert without_timings(stats(tmp_path)) == without_timings(local_run[1])
+
+
+def without_timings(by_source: dict) -> dict:
+    return {name: {k: v for k, v in s.items() if k not in ("seconds", "mb_per_second")}
+            for name, s in by_source.items()}
+
+
+FAKE_SBATCH = r"""#!/bin/bash
+# Runs the job at once, here: every array index in turn (SLURM_ARRAY_TASK_ID), so a job
+# submitted after another (--dependency) finds it finished.
+script="${@: -1}"
+for arg in "$@"; do case "$arg" in --export=ALL,RUN_OFFSET=*) export RUN_OFFSET="${arg#*RUN_OFFSET=}";; esac; done
+echo "$@" >> "$FAKE_SLURM_LOG"
+id=$(( $(wc -l < "$FAKE_SLURM_LOG") + 100 ))
+array=$(sed -n 's/^#SBATCH --array=\([0-9]*\)-\([0-9]*\).*/\1 \2/p' "$script")
+if [ -n "$array" ]; then
+  set -- $array
+  for i in $(seq "$1" "$2"); do
+    SLURM_JOB_ID=$id SLURM_ARRAY_TASK_ID=$i SLURM_NODELIST=localhost bash "$script" >> "$FAKE_SLURM_LOG.out" 2>&1 || exit 1
+  done
+else
+  SLURM_JOB_ID=$id SLURM_NODELIST=localhost bash "$script" >> "$FAKE_SLURM_LOG.out" 2>&1 || exit 1
+fi
+echo "Submitted batch job $id"
+"""
+FAKE_SRUN = r"""#!/bin/bash
+while [ $# -gt 0 ]; do case "$1" in -n|-N|-c) shift 2;; -*) shift;; *) break;; esac; done
+exec "$@"
+"""
+FAKE_SCONTROL = """#!/bin/bash
+[ "$1 $2" = "show hostnames" ] && echo localhost
+"""
+
+
+@pytest.mark.slow
+def test_slurm_job_scripts_write_what_the_local_executor_writes(tmp_path, local_run):
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    for name, text in (("sbatch", FAKE_SBATCH), ("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_ / name).write_text(text)
+        (bin_ / name).chmod(0o755)
+    log = tmp_path / "sbatch.log"
+    env = {**os.environ, "PATH": f"{bin_}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "FAKE_SLURM_LOG": str(log)}
+    recipe = make_recipe(tmp_path, SOURCES, **SETTINGS)
+    proc = subprocess.run([sys.executable, "-m", "hcx.cli", "data", "prepare", str(recipe),
+                           "data.prepare.executor.kind=slurm", "data.prepare.executor.partition=cpu",
+                           "data.prepare.executor.time=01:00:00",
+                           "data.prepare.executor.tasks_per_job=16"],  # one array job per stage
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    jobs_output = log.with_name(log.name + ".out")
+    assert proc.returncode == 0, proc.stderr + (jobs_output.read_text() if jobs_output.exists() else "")
+    assert "submitted" in proc.stdout, proc.stdout
+    submitted = log.read_text().splitlines()
+    # process, duplicates, clusters, write, finish; each followed by datatrove's stats merge
+    assert len(submitted) == 10 and all("--dependency=afterok:" in s for s in submitted[2:9:2])
+    assert outputs(tmp_path) == local_run[0]
+    assert without_timings(stats(tmp_path)) == without_timings(local_run[1])
+    from hcx.config import load_recipe
+    from hcx.data.prepare import is_prepared
+
+    assert is_prepared(load_recipe(recipe, ["data.prepare.executor.kind=slurm"]))
+
+
+def test_slurm_script_has_the_cluster_settings(tmp_path):
+    """The generated sbatch script: partition, time, CPUs, memory, the job's environment."""
+    from hcx.config import load_recipe
+    from hcx.data.executors import make_executor
+    from hcx.data.pipeline import WriteShard
+
+    recipe = load_recipe(make_recipe(tmp_path, SOURCES), [
+        "data.prepare.executor.kind=slurm", "data.prepare.executor.partition=cpu",
+        "data.prepare.executor.time=02:00:00", "data.prepare.executor.cpus_per_task=2",
+        "data.prepare.executor.account=lab", 'data.prepare.executor.sbatch_options=["--qos=high"]'])
+    ex = make_executor(recipe, "write", [WriteShard(recipe, str(tmp_path / "w"), [])], 7,
+                       tmp_path / "logs")
+    script = ex.get_launch_file_contents(ex.get_sbatch_args(7), "srun launch_pickled_pipeline x")
+    for line in ("#SBATCH --partition=cpu", "#SBATCH --time=02:00:00", "#SBATCH --cpus-per-task=2",
+                 "#SBATCH --mem-per-cpu=2.0G", "#SBATCH --account=lab", "#SBATCH --qos=high",
+                 "#SBATCH --array=0-6", "#SBATCH --job-name=hcx-prepare-write",
+                 f"cd {os.getcwd()}", f"export PATH={Path(sys.executable).parent}:$PATH"):
+        assert line in script.splitlines() or line in script, line
+    assert "None" not in script
