@@ -129,8 +129,9 @@ def make_executor(recipe: Recipe, stage: str, pipeline: list, tasks: int, loggin
 def ray_cluster(recipe: Recipe, log):
     """Connect to ``executor.address`` or start a local Ray cluster of ``workers`` CPUs
     (stopped at the end); an already connected driver (a test) is used as it is."""
-    import ray
+    from hcx.errors import require
 
+    ray = require("ray", "ray", purpose="data.prepare.executor.kind: ray")
     if ray.is_initialized():
         yield
         return

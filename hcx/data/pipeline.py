@@ -67,7 +67,7 @@ def plan_tasks(recipe: Recipe) -> list[Task]:
         try:
             files = expand(source.path, source.include, source.exclude)
         except SourceError as e:
-            from hcx.data.prepare import PrepareError
+            from hcx.data.documents import PrepareError
 
             raise PrepareError(f"data source {source.name!r}: {e}") from None
         current: list = []
@@ -229,7 +229,7 @@ _TOOLS: dict = {}
 
 
 def run_tools(recipe: Recipe, ngram_index: str | None):
-    from hcx.data.prepare import RunTools
+    from hcx.data.documents import RunTools
 
     key = (json.dumps(recipe.data.model_dump(), sort_keys=True, default=str), ngram_index)
     if key not in _TOOLS:
@@ -246,7 +246,7 @@ class ProcessShard(HcxStep):
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         import time
 
-        from hcx.data.prepare import DocumentProcessor, PrepareError, chunked, token_dtype
+        from hcx.data.documents import DocumentProcessor, PrepareError, chunked, token_dtype
 
         t0 = time.time()
         task = self.plan()[rank]
@@ -367,14 +367,24 @@ class ClusterDuplicates(HcxStep):
     def confirm(self, exact_removed: set[tuple[int, int]]) -> None:
         """Keep the band-sharing pairs whose full signatures agree on >= threshold of their
         entries, between documents that are not exact duplicates (those are gone already).
-        Signatures are memory-mapped per shard: memory grows with the pairs, not the corpus."""
+        Signatures are read one at a time: memory grows with the pairs, not the corpus."""
         threshold = self.cfg.dedup.threshold
-        full: dict[int, np.ndarray] = {}
+        files: dict[int, tuple[int, int]] = {}  # shard -> (file descriptor, data offset)
+        width = 4 * self.cfg.dedup.num_perm
 
         def signature(shard: int, doc: int) -> np.ndarray:
-            if shard not in full:
-                full[shard] = np.load(self.work / "near" / "full" / f"{shard:05d}.npy", mmap_mode="r")
-            return full[shard][doc]
+            # Read, not memory-mapped: mapped pages would count in this process's RSS.
+            if shard not in files:
+                path = self.work / "near" / "full" / f"{shard:05d}.npy"
+                with open(path, "rb") as f:
+                    if np.lib.format.read_magic(f) == (1, 0):
+                        np.lib.format.read_array_header_1_0(f)
+                    else:
+                        np.lib.format.read_array_header_2_0(f)
+                    offset = f.tell()
+                files[shard] = (os.open(path, os.O_RDONLY), offset)
+            fd, offset = files[shard]
+            return np.frombuffer(os.pread(fd, width, offset + doc * width), dtype="<u4")
 
         out = self.work / "near" / "confirmed"
         out.mkdir(parents=True, exist_ok=True)
@@ -392,6 +402,8 @@ class ClusterDuplicates(HcxStep):
             tmp = out / f"{pairs_file.name}.tmp{os.getpid()}"
             np.asarray(keep, dtype="<u4").reshape(-1, 4).tofile(tmp)
             os.replace(tmp, out / pairs_file.name)
+        for fd, _ in files.values():
+            os.close(fd)
         self.stat_update("confirmed_pairs", value=confirmed)
 
 
@@ -403,7 +415,7 @@ class WriteShard(HcxStep):
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         import time
 
-        from hcx.data.prepare import token_dtype
+        from hcx.data.documents import token_dtype
 
         t0 = time.time()
         meta = json.loads((self.work / "meta" / f"{rank:05d}.json").read_text())
