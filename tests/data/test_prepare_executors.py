@@ -55,6 +55,13 @@ def test_ray_executor_writes_what_the_local_one_writes(tmp_path, local_run, ray_
     assert report["executor"] == "ray" and report["tasks"] > 2
     assert outputs(tmp_path) == local_run[0]
     assert without_timings(stats(tmp_path)) == without_timings(local_run[1])
+    # a bad record inside a Ray task stops the run, named by file and line
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a fine first document, long enough to keep"}\n{"text": "broken\n')
+    recipe = load_recipe(make_recipe(tmp_path / "bad", [{"name": "bad", "path": str(bad)}]),
+                         ["data.prepare.executor.kind=ray", "data.prepare.executor.mem_per_cpu_gb=0.25"])
+    with pytest.raises(prepare.PrepareError, match=f"{bad}:2: malformed JSON.*--skip-bad"):
+        prepare.run(recipe, progress=False, log=lambda m: None)
 
 
 def without_timings(by_source: dict) -> dict:
