@@ -56,6 +56,7 @@ def test_ray_executor_writes_what_the_local_one_writes(tmp_path, local_run, ray_
     assert outputs(tmp_path) == local_run[0]
     assert without_timings(stats(tmp_path)) == without_timings(local_run[1])
     # a bad record inside a Ray task stops the run, named by file and line
+    (tmp_path / "bad").mkdir()
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "a fine first document, long enough to keep"}\n{"text": "broken\n')
     recipe = load_recipe(make_recipe(tmp_path / "bad", [{"name": "bad", "path": str(bad)}]),
