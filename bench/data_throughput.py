@@ -315,7 +315,7 @@ def verdicts(rows: list[dict], sp: float) -> list[str]:
     lines = []
     for config in CONFIGS:
         p = {r["parallel"]: r for r in rows
-             if r.get("config") == config and r["layout"] == "sources"}
+             if r.get("config") == config and r["layout"] == "sources" and r["kind"] == "prepare"}
         per_worker = [p[w]["per_worker_vs_sp"] for w in (1, 2)]
         ok = min(per_worker) >= 0.8
         lines.append(f"{config}: per-worker >= 0.8x raw SP: {'meets' if ok else 'does not meet'} "
@@ -401,7 +401,8 @@ def main() -> int:
         for layout in dict.fromkeys(r["layout"] for r in rows if r["kind"] == "prepare"):
             for config in CONFIGS:
                 p = {r["parallel"]: r for r in rows
-                     if r.get("config") == config and r["layout"] == layout}
+                     if r.get("config") == config and r["layout"] == layout
+                     and r["kind"] == "prepare"}
                 scale = p[2]["mb_per_second"] / p[1]["mb_per_second"]
                 result["scaling"][f"{config}, {layout}"] = scale
                 secs = "; ".join(f"{w}w " + ", ".join(f"{n} {v['seconds']:.1f}s" for n, v in
