@@ -92,6 +92,18 @@ class SlurmExecutor(_QuietTasks, SlurmPipelineExecutor):
         return {k: v for k, v in super().get_sbatch_args(max_array).items() if v is not None}
 
 
+def _preload_workers() -> None:
+    """Local workers are forked from datatrove's fork server (a clean process, no threads);
+    having it import hcx's pipeline modules once means every worker of every stage starts
+    with them loaded, instead of importing hcx, datatrove and numpy again (seconds per
+    stage on 2 busy cores)."""
+    import multiprocess
+
+    multiprocess.get_context("forkserver").set_forkserver_preload(
+        ["hcx.data.pipeline", "hcx.data.documents", "hcx.data.executors",
+         "datatrove.executor.local", "sentencepiece"])
+
+
 def make_executor(recipe: Recipe, stage: str, pipeline: list, tasks: int, logging_dir: Path,
                   depends=None):
     """The executor for one stage of a run, as the recipe's ``data.prepare`` asks."""
@@ -100,6 +112,7 @@ def make_executor(recipe: Recipe, stage: str, pipeline: list, tasks: int, loggin
     workers = max(1, min(cfg.workers, tasks))
     if ex.kind == "local":
         reap_children_on_exit()
+        _preload_workers()
         return LocalExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=str(logging_dir))
     if ex.kind == "ray":
         return RayExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=str(logging_dir),
