@@ -137,18 +137,20 @@ def corpus_pieces(sources: list[CorpusSource], pieces: int) -> list[tuple]:
 
 
 SAMPLE_PIECES = 256  # places a large corpus is sampled at, spread over all its files
+SPREAD_ABOVE = 64    # corpus bytes per wanted character above which the sample is spread
 
 
 def language_documents(sources: list[CorpusSource], want_chars: int) -> list[str]:
-    """About ``want_chars`` of whole documents of one language. A corpus that is not much
-    larger is read in order; a larger one is cut into ``SAMPLE_PIECES`` pieces across all
+    """About ``want_chars`` of whole documents of one language. A corpus of up to
+    ``SPREAD_ABOVE`` times that (every shipped spec's) is read in order, as before; a
+    larger one is cut into ``SAMPLE_PIECES`` pieces across all
     its files (JSONL at line boundaries), and every piece gives its share of documents
     from its start: the sample covers the whole corpus, not its first files, and memory
     holds only the sample, however large the corpus."""
     local = [s for s in sources if not is_hub(s.path)]
     corpus_bytes = sum(f.stat().st_size for s in local
                        for f in expand(s.path, s.include, s.exclude))
-    if len(local) < len(sources) or corpus_bytes <= 4 * want_chars:
+    if len(local) < len(sources) or corpus_bytes <= SPREAD_ABOVE * want_chars:
         docs, read = [], 0
         for source in sources:
             for doc in iter_documents(source):

@@ -148,19 +148,20 @@ def test_spec_errors_name_the_line(tmp_path):
 def test_a_large_corpus_is_sampled_across_all_its_files(tmp_path):
     """A corpus much larger than the sample is drawn from pieces spread over all its
     files and shards, not read from the start until the budget is met."""
-    from hcx.data.tokenizer_train import TokenizerSpec, sample_sentences
-
     shards = tmp_path / "ko"
     shards.mkdir()
     for i in range(4):  # 4 shards of ~500 KB, each document naming its shard
         lines = [json.dumps({"text": f"샤드{i} 문서{j} " + "가나다라마바사 " * 60}, ensure_ascii=False)
                  for j in range(400)]
         (shards / f"part-{i}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    spec = TokenizerSpec(name="t", sources=[{"name": "ko", "path": str(shards), "language": "ko",
-                                             "include": "*.jsonl"}],
-                         language_ratios={"ko": 1.0}, sample_chars=20_000, sentence_chars=100_000)
-    sample = sample_sentences(spec, log=lambda m: None)["ko"]
-    assert 20_000 <= sum(map(len, sample)) < 25_000
-    assert {s.split()[0] for s in sample} == {"샤드0", "샤드1", "샤드2", "샤드3"}
+    from hcx.data.tokenizer_train import CorpusSource, language_documents
+
+    source = CorpusSource(name="ko", path=str(shards), language="ko", include="*.jsonl")
+    docs = language_documents([source], 20_000)   # the corpus is ~100x larger
+    assert 20_000 <= sum(map(len, docs)) < 40_000
+    assert {d.split()[0] for d in docs} == {"샤드0", "샤드1", "샤드2", "샤드3"}
     # ... and from inside the shards, not only from their first lines
-    assert max(int(s.split()[1][2:]) for s in sample) > 200
+    assert max(int(d.split()[1][2:]) for d in docs) > 200
+    # a corpus not much larger than the sample is read from its start, as before
+    docs = language_documents([source], 100_000)
+    assert {d.split()[0] for d in docs} == {"샤드0"}
