@@ -19,17 +19,17 @@ SentencePiece ``tokenizer.model`` and its identical Hugging Face ``tokenizer.jso
   1 MB batches, in a fresh subprocess: once with its default Rayon thread pool (all
   cores) and once with ``RAYON_NUM_THREADS=1`` (one thread, the per-core comparison).
 * ``hcx.data.prepare.run`` (what ``hcx data prepare`` calls) with ``data.prepare.workers``
-  1 and 2, from a recipe that inherits ``recipes/tiny.yaml`` with these sources and no
-  decontamination, in two configurations:
-  ``full`` (NFC/control characters, filters, PII masking, exact + MinHash dedup,
-  tokenize, write ``.bin/.idx``) and ``tokenize-only`` (``dedup.exact=false
-  dedup.near=false pii=false``; parsing, normalization and filters remain). Each
-  run gets a fresh output directory; the whole ``run`` call is timed, so worker
-  start-up (spawn: a new interpreter that imports hcx and loads the tokenizer, once
-  per run) and writing the datasets count. One small untimed run first pays the
-  parent's one-off imports (megatron's dataset builder). ``--one-source`` adds rows
-  that prepare the same files as a single source (``language: any``: no language
-  filter, language detected per document).
+  1 and 2 on the local executor, and with ``--ray`` 2 workers on the Ray executor (a
+  local Ray cluster of 2 CPUs, started once before the timed runs), from a recipe that
+  inherits ``recipes/tiny.yaml`` with these sources and no decontamination, in two
+  configurations: ``full`` (NFC/control characters, filters, PII masking, exact +
+  MinHash dedup, tokenize, write ``.bin/.idx``) and ``tokenize-only`` (``dedup.exact=false
+  dedup.near=false pii=false``; parsing, normalization and filters remain). Each run gets
+  a fresh output directory; the whole ``run`` call is timed: planning the tasks, every
+  datatrove stage (with 2 workers, process start-up and tokenizer loading in each), and
+  concatenating the shards into one dataset per source. One small untimed run first pays
+  the parent's one-off imports. ``--one-source`` adds rows that prepare the same files as
+  a single source (``language: any``: no language filter, language detected per document).
 
 MB/s everywhere is MB (10^6 bytes) of the UTF-8 text of the documents' ``text``
 field divided by wall-clock seconds, so all rows share one numerator. The JSON also
@@ -209,7 +209,7 @@ CONFIGS = {
 
 
 def prepare_recipe(sources: list[Source], workers: int, config: str, out: Path,
-                   one_source: bool = False):
+                   one_source: bool = False, executor: str = "local"):
     import yaml
 
     from hcx.config import load_recipe
@@ -220,7 +220,7 @@ def prepare_recipe(sources: list[Source], workers: int, config: str, out: Path,
         entries = [{"name": s.name, "language": s.language, "path": str(s.path)} for s in sources]
 
     prepare = {"workers": workers, "decontaminate": None, "output_dir": str(out / "prepared"),
-               **CONFIGS[config]}
+               "executor": {"kind": executor}, **CONFIGS[config]}
     data = {
         "base": str(BASE_RECIPE),
         "output_dir": str(out),
@@ -235,7 +235,8 @@ def prepare_recipe(sources: list[Source], workers: int, config: str, out: Path,
     return load_recipe(path)
 
 
-def bench_prepare(sources: list[Source], tmp: Path, repeat: int, one_source: bool) -> list[dict]:
+def bench_prepare(sources: list[Source], tmp: Path, repeat: int, one_source: bool,
+                  ray: bool = False) -> list[dict]:
     from hcx.data.prepare import run
 
     # Warm-up, untimed: one small single-process run pays the parent's one-off imports
@@ -247,13 +248,20 @@ def bench_prepare(sources: list[Source], tmp: Path, repeat: int, one_source: boo
 
     rows = []
     layouts = ["sources", "one source"] if one_source else ["sources"]
-    runs = [(layout, config, w) for layout in layouts for config in CONFIGS for w in (1, 2)]
-    for layout, config, workers in runs:
+    runs = [(layout, config, w, "local") for layout in layouts for config in CONFIGS for w in (1, 2)]
+    if ray:
+        # One local Ray cluster of 2 CPUs for every Ray run, started here, untimed (the
+        # executor uses a connected driver as it is).
+        import ray as ray_module
+
+        ray_module.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        runs += [("sources", config, 2, "ray") for config in CONFIGS]
+    for layout, config, workers, executor in runs:
         times, reports = [], []
         for i in range(repeat):
-            out = tmp / f"prepare-{layout.replace(' ', '-')}-{config}-{workers}w-{i}"
+            out = tmp / f"prepare-{layout.replace(' ', '-')}-{config}-{workers}w-{executor}-{i}"
             out.mkdir(parents=True)
-            recipe = prepare_recipe(sources, workers, config, out, layout == "one source")
+            recipe = prepare_recipe(sources, workers, config, out, layout == "one source", executor)
             t0 = time.perf_counter()
             report = run(recipe, progress=False, log=lambda *a: None)
             times.append(time.perf_counter() - t0)
@@ -268,8 +276,10 @@ def bench_prepare(sources: list[Source], tmp: Path, repeat: int, one_source: boo
         src_seconds = sum(s["seconds"] for s in report["sources"])
         rows.append({
             "method": f"`hcx data prepare`, {config}"
-                      + (", one source (`language: any`)" if layout == "one source" else ""),
-            "kind": "prepare", "config": config, "layout": layout,
+                      + (", one source (`language: any`)" if layout == "one source" else "")
+                      + (", Ray executor (local cluster)" if executor == "ray" else ""),
+            "kind": "prepare" if executor == "local" else "prepare-ray", "config": config,
+            "layout": layout, "executor": executor,
             "parallel": workers, "seconds": statistics.median(times), "all_seconds": times,
             "tokens": sum(s["tokens"] for s in report["sources"]),
             "documents": sum(s["documents"] for s in report["sources"]),
@@ -305,7 +315,7 @@ def verdicts(rows: list[dict], sp: float) -> list[str]:
     lines = []
     for config in CONFIGS:
         p = {r["parallel"]: r for r in rows
-             if r.get("config") == config and r["layout"] == "sources"}
+             if r.get("config") == config and r["layout"] == "sources" and r["kind"] == "prepare"}
         per_worker = [p[w]["per_worker_vs_sp"] for w in (1, 2)]
         ok = min(per_worker) >= 0.8
         lines.append(f"{config}: per-worker >= 0.8x raw SP: {'meets' if ok else 'does not meet'} "
@@ -326,6 +336,8 @@ def main() -> int:
     ap.add_argument("--mb", type=float, help="cap the corpus at about N MB (default: all ~31 MB)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per method (median reported)")
     ap.add_argument("--skip-prepare", action="store_true")
+    ap.add_argument("--ray", action="store_true",
+                    help="also prepare with the Ray executor, 2 workers on a local Ray cluster")
     ap.add_argument("--one-source", action="store_true",
                     help="also prepare the corpus as one source (one worker pool)")
     ap.add_argument("--json", help="write the results here")
@@ -348,16 +360,16 @@ def main() -> int:
         del texts
         rows += bench_hf(sources, args.repeat)
         if not args.skip_prepare:
-            rows += bench_prepare(sources, tmp, args.repeat, args.one_source)
+            rows += bench_prepare(sources, tmp, args.repeat, args.one_source, args.ray)
 
     sp_row = rows[0]
     sp = text_mb / sp_row["seconds"]
     for row in rows:
         row["mb_per_second"] = text_mb / row["seconds"]
         row["vs_sp"] = row["mb_per_second"] / sp
-        if row["kind"] == "prepare":
+        if row["kind"].startswith("prepare"):
             row["per_worker_vs_sp"] = row["vs_sp"] / row["parallel"]
-    same_ids = len({r["tokens"] for r in rows if r["kind"] != "prepare"}) == 1
+    same_ids = len({r["tokens"] for r in rows if not r["kind"].startswith("prepare")}) == 1
     result = {
         "date": date.today().isoformat(), "cpu": cpu_name(), "cores": cores,
         "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
@@ -389,7 +401,8 @@ def main() -> int:
         for layout in dict.fromkeys(r["layout"] for r in rows if r["kind"] == "prepare"):
             for config in CONFIGS:
                 p = {r["parallel"]: r for r in rows
-                     if r.get("config") == config and r["layout"] == layout}
+                     if r.get("config") == config and r["layout"] == layout
+                     and r["kind"] == "prepare"}
                 scale = p[2]["mb_per_second"] / p[1]["mb_per_second"]
                 result["scaling"][f"{config}, {layout}"] = scale
                 secs = "; ".join(f"{w}w " + ", ".join(f"{n} {v['seconds']:.1f}s" for n, v in

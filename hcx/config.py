@@ -211,11 +211,33 @@ class FimSettings(Strict):
                                      "random points (the rest at fixed thirds, as HCX)")
 
 
+class ExecutorSettings(Strict):
+    """Where ``hcx data prepare``'s datatrove tasks run (see docs/data.md)."""
+
+    kind: Literal["local", "slurm", "ray"] = Field(
+        default="local", description="local: data.prepare.workers processes here; slurm: "
+        "job arrays through sbatch; ray: an existing Ray cluster (address) or a local one")
+    shard_mb: float = Field(default=16.0, gt=0, description="input bytes per task (JSONL "
+                            "files are cut at line boundaries; other files are whole)")
+    address: str | None = Field(default=None, description="ray: the cluster address "
+                                "(ray://host:10001 or host:6379); None = start a local one")
+    partition: str | None = Field(default=None, description="slurm: partition")
+    account: str | None = Field(default=None, description="slurm: account")
+    time: str = Field(default="24:00:00", description="slurm: time limit per job")
+    cpus_per_task: int = Field(default=1, ge=1, description="slurm/ray: CPUs per task")
+    tasks_per_job: int = Field(default=1, ge=1, description="slurm/ray: tasks run one after "
+                               "another in one array job or Ray actor (fewer, longer jobs)")
+    mem_per_cpu_gb: float = Field(default=2.0, gt=0, description="slurm/ray: memory per CPU")
+    sbatch_options: list[str] = Field(default_factory=list, description="slurm: extra "
+                                      "#SBATCH lines, e.g. --qos=high")
+
+
 class PrepareConfig(Strict):
     """How ``hcx data prepare`` turns raw sources into indexed datasets."""
 
     output_dir: str | None = Field(default=None, description="None = <cache_dir>/prepared")
-    workers: int = Field(default=2, ge=1, description="tokenizing processes")
+    workers: int = Field(default=2, ge=1, description="tasks run at once (local and ray)")
+    executor: ExecutorSettings = ExecutorSettings()
     filters: FilterSettings = FilterSettings()
     dedup: DedupSettings = DedupSettings()
     pii: bool = Field(default=True, description="mask e-mail local parts, phone numbers, "

@@ -20,6 +20,12 @@ def cmd_data_prepare(args: argparse.Namespace, argv: list[str]) -> int:
     if args.skip_bad:
         overrides.append("data.prepare.skip_bad=true")
     recipe = load_recipe(args.recipe, overrides)
+    if recipe.data.prepare.executor.kind == "slurm" and (args.force or not prepare.is_prepared(recipe)):
+        submitted = prepare.run(recipe, log=log)
+        if "submitted" in submitted:
+            print(f"submitted: the last job, {submitted['submitted']}, writes the prepared data "
+                  f"into {prepare.prepared_dir(recipe)}; then 'hcx pretrain {args.recipe}'")
+            return 0
     prepare.ensure_prepared(recipe, force=args.force, progress=True, log=log)
     out = prepare.prepared_dir(recipe)
     print((out / "stats.md").read_text(), end="")

@@ -1,477 +1,49 @@
-"""``hcx data prepare RECIPE``: raw corpora to megatron-core indexed datasets.
+"""``hcx data prepare RECIPE``: raw corpora to megatron-core indexed datasets, as a
+datatrove pipeline (:mod:`hcx.data.pipeline` has the stages, :mod:`hcx.data.executors`
+where they run: local processes, SLURM job arrays or a Ray cluster).
 
-Per document, in worker processes (:func:`process_chunk`):
+Per document, in the tasks of stage 1 (:class:`DocumentProcessor`):
     parse (file:line on error) -> NFC + control characters -> filters -> PII masking
     -> fill-in-the-middle (code) -> tokenize + eod -> exact hash, MinHash signature and
-    eval n-gram hits (on the document's tokens).
-In the main process, in input order (so the output does not depend on the number of
-workers): exact and near-duplicate removal across all sources (earlier sources win),
-decontamination, and writing one ``<source>.bin/.idx`` per source.
+    eval n-gram hits (on the document's tokens); contaminated documents dropped.
+Across documents (stages 2-3, datatrove's MinHash buckets and clusters): exact and near
+duplicates across all sources (earlier sources win). Stage 4 writes each shard's
+remaining documents; :func:`finish` concatenates them into one ``<source>.bin/.idx`` per
+source. The tasks do not depend on the number of workers, so neither does the output.
 
 Nothing half-written is ever accepted: each dataset is written under a temporary name
 and renamed (``.bin`` first, then ``.idx``, so an ``.idx`` always has its whole
 ``.bin``), and ``manifest.json``, which ``hcx pretrain`` checks, is written last.
+A rerun after a crash skips the tasks datatrove marked complete.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import multiprocessing
 import os
+import shutil
 import signal
-import sys
-import threading
 import time
-import zlib
-from collections import Counter, defaultdict, deque
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-from collections.abc import Callable, Iterable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from datatrove.pipeline.base import PipelineStep
 
 from hcx.config import DataSource, PrepareConfig, Recipe
 from hcx.errors import HcxError, Stopped
 from hcx.paths import resolve
-from hcx.data.sources import (BadRecord, RawRecord, SourceError, expand, is_hub, iter_records,
-                         parse_record)
-from hcx.tokenizer.loading import Tokenizer, load_tokenizer
+from hcx.data.documents import (  # noqa: F401 - re-exported: hcx.data.indexed, tests
+    DocumentProcessor, PrepareError, fim_token_ids, token_dtype, word_start_table)
+from hcx.data.sources import SourceError, expand, is_hub
+from hcx.tokenizer.loading import load_tokenizer
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-CHUNK_BYTES = 1 << 20       # records handed to a worker at a time
-MAX_EXAMPLES = 5            # file:line examples kept per removal reason
-
-
-class PrepareError(HcxError, ValueError):
-    pass
-
-
-# --- what a worker returns ------------------------------------------------------------------
-
-
-@dataclass
-class ChunkResult:
-    """Documents of one chunk that survived the per-document steps, plus counts."""
-
-    tokens: list[np.ndarray] = field(default_factory=list)
-    where: list[str] = field(default_factory=list)
-    language: list[str] = field(default_factory=list)
-    chars: list[int] = field(default_factory=list)
-    text_hash: list[int] = field(default_factory=list)
-    signatures: list[np.ndarray] = field(default_factory=list)
-    contaminated: list[tuple[int, ...]] = field(default_factory=list)
-    records: int = 0
-    bytes_in: int = 0
-    removed: Counter = field(default_factory=Counter)
-    examples: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
-    pii: Counter = field(default_factory=Counter)
-    fim: Counter = field(default_factory=Counter)
-    bad: str | None = None  # the error, when not skipping bad input (processing stopped)
-
-    def drop(self, reason: str, where: str) -> None:
-        self.removed[reason] += 1
-        if len(self.examples[reason]) < MAX_EXAMPLES:
-            self.examples[reason].append(where)
-
-
-# --- the per-document steps (run in workers) ------------------------------------------------
-
-
-@dataclass
-class RunTools:
-    """What the documents of every source share, built once per process (loading the
-    eval n-gram index alone takes ~0.6 s; once per source it added seconds)."""
-
-    tokenizer: Tokenizer
-    filters: object            # hcx.data.corpus.clean.FilterConfig
-    minhasher: object | None   # hcx.data.corpus.minhash.MinHasher, when near-dedup is on
-    ngrams: object | None      # hcx.data.corpus.decontam.NgramIndex, when decontaminating
-    starts_word: np.ndarray | None
-
-    @classmethod
-    def build(cls, recipe: Recipe, ngram_index_path: str | None) -> RunTools:
-        from hcx.data.corpus.clean import FilterConfig
-        from hcx.data.corpus.minhash import MinHasher
-
-        cfg = recipe.data.prepare
-        tokenizer = load_tokenizer(recipe.data.tokenizer)
-        minhasher = (MinHasher(cfg.dedup.num_perm, cfg.dedup.ngram, seed=cfg.seed)
-                     if cfg.dedup.near else None)
-        ngrams = starts_word = None
-        if ngram_index_path:
-            from hcx.data.corpus.decontam import NgramIndex
-
-            starts_word = word_start_table(tokenizer)
-            with np.load(ngram_index_path) as arrays:
-                ngrams = NgramIndex.from_arrays(**arrays)
-        return cls(tokenizer, FilterConfig(**cfg.filters.model_dump()), minhasher, ngrams,
-                   starts_word)
-
-
-class DocumentProcessor:
-    """Everything done to one document of a source before the cross-document steps."""
-
-    def __init__(self, recipe: Recipe, source: DataSource, tools: RunTools):
-        from hcx.data.corpus.fim import FimIds
-
-        cfg = recipe.data.prepare
-        self.cfg, self.source = cfg, source
-        self.tokenizer, self.filters = tools.tokenizer, tools.filters
-        self.minhasher, self.ngrams, self.starts_word = tools.minhasher, tools.ngrams, tools.starts_word
-        self.fim_ids = None
-        if source.uses_fim and cfg.fim.rate > 0:
-            self.fim_ids = FimIds(*fim_token_ids(self.tokenizer))
-
-    def __call__(self, chunk: list[RawRecord]) -> ChunkResult:
-        out = ChunkResult()
-        for record in chunk:
-            out.records += 1
-            out.bytes_in += record.size
-            try:
-                self._one(record, out)
-            except BadRecord as e:
-                if not self.cfg.skip_bad:
-                    out.bad = str(e)
-                    return out
-                out.drop(f"bad_{e.reason}", record.where)
-            except Exception as e:  # a bug or a library's surprise: still name the record
-                raise PrepareError(f"{record.where}: unexpected {type(e).__name__} while "
-                                   f"preparing this record: {e}") from e
-        return out
-
-    def _one(self, record: RawRecord, out: ChunkResult) -> None:
-        from hcx.data.corpus.clean import detect_language, filter_reason, normalize
-        from hcx.data.corpus.pii import mask_pii
-
-        text = normalize(parse_record(record, self.source.text_field))
-        reason = filter_reason(text, self.source.language, self.filters)
-        if reason:
-            out.drop(reason, record.where)
-            return
-        text_hash = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(),
-                                   "little")
-        if self.cfg.pii:
-            text, counts = mask_pii(text)
-            out.pii.update(counts)
-        ids, plain_ids = self._tokenize(text, record, out)
-        tokens = np.empty(len(ids) + 1, dtype=np.int32)  # one conversion from the list
-        tokens[:-1] = ids
-        tokens[-1] = self.tokenizer.eod
-        plain = tokens[:-1] if plain_ids is None else np.asarray(plain_ids, dtype=np.int32)
-        out.tokens.append(tokens)
-        out.where.append(record.where)
-        out.language.append(self.source.language if self.source.language != "any"
-                            else detect_language(text))
-        out.chars.append(len(text))
-        out.text_hash.append(text_hash)
-        if self.minhasher is not None:
-            out.signatures.append(self.minhasher.signature(plain))
-        out.contaminated.append(self._benchmarks_quoted(plain))
-
-    def _benchmarks_quoted(self, tokens: np.ndarray) -> tuple[int, ...]:
-        if self.ngrams is None:
-            return ()
-        from hcx.data.corpus.decontam import word_hashes
-
-        return tuple(sorted(self.ngrams.labels_hit(word_hashes(tokens, self.starts_word))))
-
-    def _tokenize(self, text: str, record: RawRecord,
-                  out: ChunkResult) -> tuple[list[int], list[int] | None]:
-        """The document's training ids, and for FIM documents its plain ids (document
-        order, no sentinels) for the duplicate and contamination checks."""
-        if self.fim_ids is None:
-            return self.tokenizer.encode(text), None
-        from hcx.data.corpus.fim import fim_layout, fim_split
-
-        fim = self.cfg.fim
-        # Seeded by the record's place, not by worker or order: the same input gives
-        # the same FIM layout with any number of workers.
-        key = zlib.crc32(f"{self.source.name}\0{record.where}".encode())
-        rng = np.random.default_rng([self.cfg.seed, key])
-        if rng.random() >= fim.rate:
-            return self.tokenizer.encode(text), None
-        spm = bool(rng.random() < fim.spm_rate)
-        mode = "random" if rng.random() < fim.random_split_rate else "thirds"
-        prefix, middle, suffix = (self.tokenizer.encode(part) for part in fim_split(text, mode, rng))
-        out.fim[("spm" if spm else "psm") + "_" + mode] += 1
-        return fim_layout(prefix, middle, suffix, self.fim_ids, spm), prefix + middle + suffix
-
-
-def token_dtype(vocab_size: int) -> type[np.number]:
-    """The smallest dtype megatron's indexed datasets can store these token ids in."""
-    return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
-
-
-def word_start_table(tokenizer: Tokenizer) -> np.ndarray:
-    """For each id: does its text begin with whitespace (a new word)?
-
-    Each id is decoded after an anchor token, because many tokenizers (SentencePiece
-    with a dummy prefix, HF Metaspace) drop a token's leading space when it is decoded
-    first."""
-    anchor = tokenizer.encode("a")[:1]
-    head = tokenizer.decode(anchor)
-    table = np.zeros(tokenizer.vocab_size, dtype=bool)
-    for i in range(tokenizer.vocab_size):
-        text = tokenizer.decode(anchor + [i])
-        text = text[len(head):] if text.startswith(head) else text
-        table[i] = bool(text) and text[0].isspace()
-    return table
-
-
-def fim_token_ids(tokenizer: Tokenizer) -> tuple[int, int, int]:
-    from hcx.tokenizer import special_tokens as st
-
-    ids = [tokenizer.special_id(t) for t in (st.FIM_PREFIX, st.FIM_MIDDLE, st.FIM_SUFFIX)]
-    if None in ids:
-        raise PrepareError(f"tokenizer {tokenizer.name} has no {st.FIM_PREFIX}/{st.FIM_MIDDLE}/"
-                           f"{st.FIM_SUFFIX} tokens: use an hcx tokenizer (hcx tokenizer "
-                           "train) or set data.prepare.fim.rate=0 / fim: false on the source")
-    return tuple(ids)
-
-
-class Processors:
-    """One :class:`DocumentProcessor` per source, built on first use (a worker serves
-    every source of a run, so the tokenizer and eval index load once per process)."""
-
-    def __init__(self, recipe: Recipe, ngram_index_path: str | None):
-        self.recipe, self.ngram_index_path = recipe, ngram_index_path
-        self.tools: RunTools | None = None
-        self.by_source: dict[int, DocumentProcessor] = {}
-
-    def __call__(self, job: tuple[int, list[RawRecord]]) -> ChunkResult:
-        index, chunk = job
-        if index not in self.by_source:
-            if self.tools is None:
-                self.tools = RunTools.build(self.recipe, self.ngram_index_path)
-            self.by_source[index] = DocumentProcessor(
-                self.recipe, self.recipe.data.sources[index], self.tools)
-        return self.by_source[index](chunk)
-
-
-# Pool workers build their state once, in the initializer; a module-level slot is how
-# multiprocessing hands per-process state to the mapped function.
-_processors: Processors | None = None
-
-
-def _init_worker(recipe: Recipe, ngram_index_path: str | None) -> None:
-    global _processors
-    # The parent handles Ctrl-C and SIGTERM (also when a scheduler signals the whole
-    # process group): it stops the pool and removes partial files. A worker whose
-    # parent died (SIGKILL, out of memory) exits instead of lingering.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    parent = multiprocessing.parent_process()
-    if parent is not None:
-        threading.Thread(target=lambda: (parent.join(), os._exit(1)), daemon=True).start()
-    _processors = Processors(recipe, ngram_index_path)
-
-
-def _work(job: tuple[int, list[RawRecord]]) -> ChunkResult:
-    return _processors(job)
-
-
-def start_workers(recipe: Recipe, ngram_index_path: str | None):
-    """A function mapping ``(source index, chunks)`` to results in input order: in this
-    process for one worker, else on a pool started once for the whole run. Returns
-    it and a function that stops the pool."""
-    workers = recipe.data.prepare.workers
-    if workers == 1:
-        processors = Processors(recipe, ngram_index_path)
-        return (lambda index, chunks: (processors((index, c)) for c in chunks)), (lambda: None)
-    # spawn, not fork: the parent has threads (torch, tokenizers, tqdm), and a forked
-    # child can die holding a lock; an executor then fails loudly instead of hanging.
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_init_worker, initargs=(recipe, ngram_index_path))
-    return ((lambda index, chunks: ordered_map(pool, _work, ((index, c) for c in chunks),
-                                               in_flight=2 * workers)),
-            (lambda: pool.shutdown(wait=True, cancel_futures=True)))
-
-
-def ordered_map(pool: ProcessPoolExecutor, fn, items: Iterable, in_flight: int) -> Iterator:
-    """``pool.map`` that reads ``items`` lazily: at most ``in_flight`` chunks are queued
-    (Executor.map would read a whole corpus into memory first). Results in input order."""
-    pending: deque = deque()
-    for item in items:
-        pending.append(pool.submit(fn, item))
-        if len(pending) >= in_flight:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
-
-
-# --- reading ----------------------------------------------------------------------------------
-
-
-def source_records(source: DataSource) -> Iterator[RawRecord]:
-    return iter_records(source.path, source.include, source.exclude, source.format,
-                        source.language, source.hub_config, source.hub_split)
-
-
-def chunked(records: Iterable[RawRecord], max_bytes: int = CHUNK_BYTES) -> Iterator[list[RawRecord]]:
-    chunk, size = [], 0
-    for record in records:
-        chunk.append(record)
-        size += record.size
-        if size >= max_bytes:
-            yield chunk
-            chunk, size = [], 0
-    if chunk:
-        yield chunk
-
-
-def source_bytes(source: DataSource) -> int | None:
-    if is_hub(source.path):
-        return None
-    return sum(f.stat().st_size for f in expand(source.path, source.include, source.exclude))
-
-
-# --- the cross-document steps and writing (main process) -----------------------------------
-
-
-@dataclass
-class SourceStats:
-    name: str
-    language: str
-    weight: float
-    records: int = 0
-    bytes_in: int = 0
-    documents: int = 0
-    tokens: int = 0
-    characters: int = 0
-    tokens_by_language: Counter = field(default_factory=Counter)
-    removed: Counter = field(default_factory=Counter)
-    examples: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
-    pii: Counter = field(default_factory=Counter)
-    fim: Counter = field(default_factory=Counter)
-    contamination: Counter = field(default_factory=Counter)
-    seconds: float = 0.0
-
-    def drop(self, reason: str, where: str) -> None:
-        self.removed[reason] += 1
-        if len(self.examples[reason]) < MAX_EXAMPLES:
-            self.examples[reason].append(where)
-
-    def to_dict(self) -> dict:
-        return {
-            "name": self.name, "language": self.language, "weight": self.weight,
-            "records": self.records, "bytes_in": self.bytes_in, "documents": self.documents,
-            "tokens": self.tokens, "characters": self.characters,
-            "tokens_by_language": dict(self.tokens_by_language),
-            "removed": dict(self.removed), "removed_examples": dict(self.examples),
-            "pii_masked": dict(self.pii), "fim": dict(self.fim),
-            "contaminated_documents_by_benchmark": dict(self.contamination),
-            "seconds": round(self.seconds, 2),
-            "mb_per_second": round(self.bytes_in / 1e6 / max(self.seconds, 1e-9), 2),
-        }
-
-
-class CrossDocumentFilter:
-    """Exact and near duplicates across all sources, and contamination, in input order."""
-
-    def __init__(self, cfg: PrepareConfig, benchmarks: list[str]):
-        from hcx.data.corpus.minhash import LSHIndex
-
-        self.cfg, self.benchmarks = cfg, benchmarks
-        self.seen: set[int] = set()
-        self.lsh = LSHIndex(cfg.dedup.num_perm, cfg.dedup.threshold) if cfg.dedup.near else None
-        self.next_key = 0
-
-    def keep(self, result: ChunkResult, i: int, stats: SourceStats) -> bool:
-        where = result.where[i]
-        hits = result.contaminated[i]
-        if hits and self.cfg.decontaminate.action == "drop":
-            for label in hits:
-                stats.contamination[self.benchmarks[label]] += 1
-            stats.drop("contaminated", where)
-            return False
-        if not self._unique(result, i, stats):
-            return False
-        for label in hits:  # action "report": counted among the documents kept
-            stats.contamination[self.benchmarks[label]] += 1
-        return True
-
-    def _unique(self, result: ChunkResult, i: int, stats: SourceStats) -> bool:
-        where = result.where[i]
-        if self.cfg.dedup.exact:
-            h = result.text_hash[i]
-            if h in self.seen:
-                stats.drop("exact_duplicate", where)
-                return False
-            self.seen.add(h)
-        if self.lsh is not None:
-            self.next_key += 1
-            if self.lsh.query_insert(self.next_key, result.signatures[i]) is not None:
-                stats.drop("near_duplicate", where)
-                return False
-        return True
-
-
-def _remove(prefix: Path) -> None:
-    for ext in (".idx", ".bin"):
-        Path(str(prefix) + ext).unlink(missing_ok=True)
-
-
-def prepare_source(recipe: Recipe, index: int, out_dir: Path, cross: CrossDocumentFilter,
-                   process, progress: bool, dtype,
-                   check_stop: Callable[[], None] = lambda: None) -> SourceStats:
-    """Stream one source through the workers (``process``) and the cross-document
-    filter into ``<out_dir>/<name>.bin/.idx``. ``check_stop`` raises when the run must
-    stop (called between chunks and before the files are put in place)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-    from tqdm import tqdm
-
-    source = recipe.data.sources[index]
-    stats = SourceStats(source.name, source.language, source.weight)
-    t0 = time.time()
-    final = out_dir / source.name
-    tmp = out_dir / f"{source.name}.tmp{os.getpid()}"
-    bar = tqdm(total=source_bytes(source), unit="B", unit_scale=True, desc=source.name,
-               disable=not progress, leave=False, file=sys.stderr)
-    try:  # from the moment the temporary file exists: a signal may arrive at any point
-        builder = IndexedDatasetBuilder(str(tmp) + ".bin", dtype=dtype)
-        results = process(index, chunked(source_records(source)))
-        for result in results:
-            check_stop()
-            bar.update(result.bytes_in)
-            if result.bad is not None:
-                raise PrepareError(f"data source {source.name!r}: {result.bad} (use "
-                                   "--skip-bad to count and skip bad records)")
-            stats.records += result.records
-            stats.bytes_in += result.bytes_in
-            stats.removed.update(result.removed)
-            for reason, examples in result.examples.items():
-                room = MAX_EXAMPLES - len(stats.examples[reason])
-                stats.examples[reason].extend(examples[:max(room, 0)])
-            stats.pii.update(result.pii)
-            stats.fim.update(result.fim)
-            for i, tokens in enumerate(result.tokens):
-                if not cross.keep(result, i, stats):
-                    continue
-                builder.add_document(tokens, [len(tokens)])
-                stats.documents += 1
-                stats.tokens += len(tokens)
-                stats.characters += result.chars[i]
-                stats.tokens_by_language[result.language[i]] += len(tokens)
-        if stats.documents == 0:
-            raise PrepareError(f"data source {source.name!r}: no documents left after "
-                               f"{stats.records} records (removed: {dict(stats.removed)})")
-        check_stop()
-        builder.finalize(str(tmp) + ".idx")
-        # .bin before .idx: whoever sees the final .idx also sees its complete .bin.
-        _remove(final)
-        os.replace(str(tmp) + ".bin", str(final) + ".bin")
-        os.replace(str(tmp) + ".idx", str(final) + ".idx")
-    finally:
-        bar.close()
-        _remove(tmp)
-    stats.seconds = time.time() - t0
-    return stats
-
-
 # --- decontamination index ----------------------------------------------------------------
 
 
@@ -574,7 +146,7 @@ def fingerprint(recipe: Recipe) -> str:
                                         for f in fs])
     # Not part of it: how many workers (the output is the same) and skip_bad (data
     # prepared with --skip-bad is prepared; a later pretrain must not redo it strictly).
-    prep = recipe.data.prepare.model_dump(exclude={"workers", "output_dir", "skip_bad"})
+    prep = recipe.data.prepare.model_dump(exclude={"workers", "output_dir", "skip_bad", "executor"})
     key = json.dumps([FORMAT_VERSION, tokenizer.fingerprint(), prep,
                       [s.model_dump(exclude={"weight"}) for s in raw_sources(recipe)], files],
                      sort_keys=True, default=str)
@@ -600,9 +172,165 @@ def is_prepared(recipe: Recipe) -> bool:
     return complete and recorded == fingerprint(recipe)
 
 
+def source_report(source: DataSource, stats) -> dict:
+    """One source's row of ``stats.json`` (its tasks' :class:`ShardStats` merged)."""
+    return {
+        "name": source.name, "language": source.language, "weight": source.weight,
+        "records": stats.records, "bytes_in": stats.bytes_in, "documents": stats.documents,
+        "tokens": stats.tokens, "characters": stats.characters,
+        "tokens_by_language": dict(stats.tokens_by_language),
+        "removed": dict(stats.removed), "removed_examples": dict(stats.examples),
+        "pii_masked": dict(stats.pii), "fim": dict(stats.fim),
+        "contaminated_documents_by_benchmark": dict(stats.contamination),
+        "seconds": round(stats.seconds, 2),
+        "mb_per_second": round(stats.bytes_in / 1e6 / max(stats.seconds, 1e-9), 2),
+    }
+
+
+@dataclass
+class Stages:
+    """A run's datatrove executors, in order, with the work directory they share."""
+
+    work: Path
+    tasks: list                 # hcx.data.pipeline.Task, one per shard
+    benchmarks: list[str]
+    executors: list = field(default_factory=list)   # (name, executor)
+
+
+def build_stages(recipe: Recipe, work: Path, benchmarks: list[str], index_path: str | None,
+                 key: str) -> Stages:
+    from hcx.data import pipeline as pl
+    from hcx.data.executors import make_executor
+
+    plan_file = work / "plan.json"
+    if plan_file.exists():  # a rerun: the same tasks, so finished ones are skipped
+        tasks = pl.load_plan(plan_file)
+    else:
+        tasks = pl.plan_tasks(recipe)
+        pl.save_plan(tasks, plan_file)
+    stages = Stages(work, tasks, benchmarks)
+    args = (recipe, str(work), benchmarks, index_path)
+    find = pl.FindDuplicates(*args)
+    wanted = [("process", [pl.ProcessShard(*args)], len(tasks))]
+    if find.tasks():
+        wanted += [("duplicates", [find], find.tasks()),
+                   ("clusters", [pl.ClusterDuplicates(*args)], 1)]
+    wanted.append(("write", [pl.WriteShard(*args)], len(tasks)))
+    if recipe.data.prepare.executor.kind == "slurm":
+        wanted.append(("finish", [FinishStep(*args, key=key)], 1))
+    previous = None
+    for name, steps, count in wanted:
+        previous = make_executor(recipe, name, steps, count, work / "logs" / name, depends=previous)
+        stages.executors.append((name, previous))
+    return stages
+
+
+def _first_error(work: Path) -> str | None:
+    errors = sorted((work / "errors").glob("*.json")) if (work / "errors").exists() else []
+    return json.loads(errors[0].read_text())["message"] if errors else None
+
+
+def run_stage(name: str, executor, work: Path) -> None:
+    """Run one stage's tasks; a task's error (a bad record, named by file:line) becomes
+    this run's error, and so does a task that did not complete (Ray retries and logs)."""
+    try:
+        executor.run()
+    except Exception as e:  # noqa: BLE001 - any task failure, from any executor
+        message = _first_error(work)
+        if message:
+            raise PrepareError(message) from None
+        if isinstance(e, HcxError):
+            raise
+        raise PrepareError(f"hcx data prepare: a {name} task failed ({type(e).__name__}: {e}); "
+                           f"its log is under {work / 'logs' / name / 'logs'}; finished tasks "
+                           "are kept, run again to continue") from None
+    message = _first_error(work)
+    if message:
+        raise PrepareError(message)
+    left = executor.get_incomplete_ranks(skip_completed=True)
+    if left:
+        raise PrepareError(f"hcx data prepare: {len(left)} {name} task(s) did not complete "
+                           f"(ranks {left[:10]}); logs: {work / 'logs' / name / 'logs'}; "
+                           "finished tasks are kept, run again to continue")
+
+
+def finish(recipe: Recipe, work: Path, tasks: list, benchmarks: list[str], key: str,
+           seconds: float, log=print, check_stop: Callable[[], None] = lambda: None) -> dict:
+    """Concatenate each source's shards into ``<source>.bin/.idx``, merge the tasks'
+    statistics, write the reports and, last, the manifest; then drop the work directory."""
+    from hcx.data.pipeline import ShardStats, merge_source, shard_stats
+
+    cfg = recipe.data.prepare
+    out = prepared_dir(recipe)
+    tokenizer = load_tokenizer(recipe.data.tokenizer)
+    rows = []
+    for index, source in enumerate(recipe.data.sources):
+        if source.path is None:
+            continue
+        ranks = [r for r, t in enumerate(tasks) if t.source == index]
+        stats = ShardStats()
+        for rank in ranks:
+            stats.merge(shard_stats(work, rank))
+        if stats.documents == 0:
+            raise PrepareError(f"data source {source.name!r}: no documents left after "
+                               f"{stats.records} records (removed: {dict(stats.removed)})")
+        merge_source(work, ranks, token_dtype(tokenizer.vocab_size), out / source.name, check_stop)
+        row = source_report(source, stats)
+        log(f"  {source.name}: {stats.documents:,} documents, {stats.tokens:,} tokens "
+            f"({stats.bytes_in / 1e6:.1f} MB in {len(ranks)} task(s))"
+            + (f"; removed {dict(stats.removed)}" if stats.removed else ""))
+        rows.append(row)
+    report = {
+        "recipe": recipe.name,
+        "tokenizer": tokenizer.name,
+        "workers": cfg.workers,
+        "executor": cfg.executor.kind,
+        "tasks": len(tasks),
+        "seconds": round(seconds, 2),
+        "decontamination": ({"action": cfg.decontaminate.action, "ngram": cfg.decontaminate.ngram,
+                             "benchmarks": benchmarks} if cfg.decontaminate else None),
+        "sources": rows,
+    }
+    check_stop()
+    (out / "stats.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+    (out / "stats.md").write_text(markdown_report(report))
+    (out / MANIFEST).write_text(json.dumps({
+        "fingerprint": key, "format_version": FORMAT_VERSION,
+        "sources": {s.name: str(out / s.name) for s in raw_sources(recipe)}}, indent=1) + "\n")
+    if cfg.executor.kind != "slurm":  # a SLURM job still logs into it after this returns
+        shutil.rmtree(work, ignore_errors=True)
+    return report
+
+
+class FinishStep(PipelineStep):
+    """SLURM's last job: :func:`finish`, once every stage's jobs are done."""
+
+    type = "hcx"
+    name = "finish: concatenate shards, reports, manifest"
+
+    def __init__(self, recipe: Recipe, work: str, benchmarks: list[str], index_path, key: str):
+        super().__init__()
+        self.recipe, self.work, self.benchmarks, self.key = recipe, Path(work), benchmarks, key
+        self.started = time.time()
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        from hcx.data.pipeline import load_plan
+
+        finish(self.recipe, self.work, load_plan(self.work / "plan.json"), self.benchmarks,
+               self.key, time.time() - self.started)
+
+
+def work_dir(recipe: Recipe, key: str) -> Path:
+    from hcx.data.pipeline import work_key
+
+    return prepared_dir(recipe) / "work" / work_key(key, recipe)
+
+
 def run(recipe: Recipe, progress: bool = True, log=print) -> dict:
     """Prepare every raw source of the recipe; returns the stats (also written as
-    ``stats.json`` and ``stats.md`` next to the datasets)."""
+    ``stats.json`` and ``stats.md`` next to the datasets). With the SLURM executor the
+    jobs are submitted and ``{"submitted": ...}`` is returned; the last job writes them."""
+    from datatrove.utils.logging import logger
 
     sources = raw_sources(recipe)
     if not sources:
@@ -620,65 +348,72 @@ def run(recipe: Recipe, progress: bool = True, log=print) -> dict:
     (out / MANIFEST).unlink(missing_ok=True)       # incomplete until written again
     for stale in out.glob("*.tmp*"):               # left by a killed run
         stale.unlink()
+    work = work_dir(recipe, key)
+    if (out / "work").exists():                    # other settings' unfinished runs
+        for old in (out / "work").iterdir():
+            if old != work:
+                shutil.rmtree(old, ignore_errors=True)
     t0 = time.time()
     index_path, benchmarks = None, []
     if cfg.decontaminate:
         index_path, benchmarks = build_ngram_index(recipe, recipe.data_cache_dir / "decontam", log)
-    cross = CrossDocumentFilter(cfg, benchmarks)
-    all_stats = []
+    # datatrove logs each task to <work>/logs/<stage>/logs/; the console gets hcx's lines.
+    logger.remove()
+    work.mkdir(parents=True, exist_ok=True)
+    logger.add(str(work / "driver.log"), level="INFO")
+    shutil.rmtree(work / "errors", ignore_errors=True)
+    stages = build_stages(recipe, work, benchmarks, index_path, key)
+    completions = work / "logs" / "process" / "completions"
+    done = sum(1 for _ in completions.iterdir()) if completions.exists() else 0
+    log(f"{len(stages.tasks)} task(s) on the {cfg.executor.kind} executor"
+        + (f" ({cfg.workers} at a time)" if cfg.executor.kind != "slurm" else "")
+        + (f"; {done} already processed by an earlier run" if done else "")
+        + f"; work files and logs in {work}")
+    if cfg.executor.kind == "slurm":
+        name, last = stages.executors[-1]
+        last.run()  # submits every stage, each depending on the one before
+        log(f"submitted {len(stages.executors)} SLURM job arrays (last job {last.job_id}); "
+            f"the prepared data appears in {out} when job {last.job_id} ends; logs in "
+            f"{work / 'logs'}")
+        return {"submitted": str(last.job_id), "work": str(work)}
     with _terminate_as_interrupt() as signals:
-        process, stop_workers = start_workers(recipe, index_path)
-        try:
-            for index, source in enumerate(recipe.data.sources):
-                if source.path is None:
-                    continue
-                try:
-                    stats = prepare_source(recipe, index, out, cross, process, progress,
-                                           token_dtype(tokenizer.vocab_size), signals.check)
-                except BrokenProcessPool:
-                    raise PrepareError(f"data source {source.name!r}: a worker process died "
-                                       "(killed, or out of memory?); nothing was marked "
-                                       "prepared, run again") from None
-                log(f"  {source.name}: {stats.documents:,} documents, {stats.tokens:,} tokens "
-                    f"({stats.bytes_in / 1e6:.1f} MB at "
-                    f"{stats.bytes_in / 1e6 / stats.seconds:.1f} MB/s)"
-                    + (f"; removed {dict(stats.removed)}" if stats.removed else ""))
-                all_stats.append(stats)
-            signals.check()
-        finally:
-            stop_workers()
-    report = {
-        "recipe": recipe.name,
-        "tokenizer": tokenizer.name,
-        "workers": cfg.workers,
-        "seconds": round(time.time() - t0, 2),
-        "decontamination": ({"action": cfg.decontaminate.action, "ngram": cfg.decontaminate.ngram,
-                             "benchmarks": benchmarks} if cfg.decontaminate else None),
-        "sources": [s.to_dict() for s in all_stats],
-    }
-    (out / "stats.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
-    (out / "stats.md").write_text(markdown_report(report))
-    (out / MANIFEST).write_text(json.dumps({
-        "fingerprint": key, "format_version": FORMAT_VERSION,
-        "sources": {s.name: str(out / s.name) for s in sources}}, indent=1) + "\n")
-    return report
+        signals.raise_now = True
+        if cfg.executor.kind == "ray":
+            from hcx.data.executors import ray_cluster
 
+            context = ray_cluster(recipe, log)
+        else:
+            context = contextlib.nullcontext()
+        with context:
+            for name, executor in stages.executors:
+                run_stage(name, executor, work)
+        signals.raise_now = False
+        signals.check()
+        return finish(recipe, work, stages.tasks, benchmarks, key, time.time() - t0, log,
+                      signals.check)
 
 class _terminate_as_interrupt:
-    """SIGTERM (a cluster's or a user's kill) stops the run at the next chunk: the stack
-    unwinds so that temporary files are removed and no manifest is written (exit 143).
+    """SIGTERM (a cluster's or a user's kill) stops the run: the stack unwinds so that
+    temporary files are removed and no manifest is written (exit 143).
 
-    The handler only records the signal and :meth:`check` raises. Raising from the handler
-    itself is not safe: a signal that lands while Python runs a weakref callback or a
-    ``__del__`` (e.g. importlib's module-lock cleanup) has its exception printed as
-    "Exception ignored" and dropped, and the run would go on to finish."""
+    While datatrove's executor runs tasks (``raise_now``), the handler raises at once: the
+    main process only waits there, and raising tears the worker pool down (its tasks leave
+    no completion marker, so a rerun redoes them). Elsewhere the handler only records the
+    signal and :meth:`check` raises: a signal that lands while Python runs a weakref
+    callback or a ``__del__`` has an exception raised from the handler printed as
+    "Exception ignored" and dropped; the recorded signal is checked again before the
+    manifest is written, so the run cannot go on to finish either way."""
 
     def __enter__(self):
         self.previous = signal.getsignal(signal.SIGTERM)
         self.signum = 0
+        self.raise_now = False
 
         def handler(signum, frame):
             self.signum = signum
+            if self.raise_now:
+                self.raise_now = False
+                self.check()
 
         signal.signal(signal.SIGTERM, handler)
         return self
@@ -686,7 +421,8 @@ class _terminate_as_interrupt:
     def check(self) -> None:
         if self.signum:
             raise Stopped(f"stopped by signal {self.signum}: partial files removed, nothing "
-                          "marked prepared; run again to prepare", self.signum)
+                          "marked prepared; run again to continue (finished tasks are kept)",
+                          self.signum)
 
     def __exit__(self, *exc):
         signal.signal(signal.SIGTERM, self.previous)
@@ -742,13 +478,19 @@ def ensure_prepared(recipe: Recipe, force: bool = False, progress: bool = False,
 
     out = prepared_dir(recipe)
     out.mkdir(parents=True, exist_ok=True)
+    # A POSIX record lock (lockf), not flock: processes forked by the executor do not
+    # inherit it, so it is released the moment this process ends, however it ends.
     with open(out / ".lock", "w") as lock:
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
             log(f"waiting for another process to finish preparing data in {out}")
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            fcntl.lockf(lock, fcntl.LOCK_EX)
         if force or not is_prepared(recipe):
+            if recipe.data.prepare.executor.kind == "slurm":
+                raise PrepareError(f"the prepared data in {out} is missing or out of date, and "
+                                   "data.prepare.executor.kind is slurm: run 'hcx data prepare' "
+                                   "(it submits the jobs) and start again when they end")
             log(f"preparing data into {out} (hcx data prepare)")
             run(recipe, progress=progress, log=log)
         elif say_up_to_date:

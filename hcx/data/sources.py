@@ -120,9 +120,13 @@ def detect_format(file: Path, language: str | None = None) -> str:
     return "text"
 
 
-def raw_records(file: Path, fmt: str) -> Iterator[RawRecord]:
+def raw_records(file: Path, fmt: str, start: int = 0, end: int | None = None,
+                first_line: int = 1) -> Iterator[RawRecord]:
     """Records of one file, undecoded. An empty data file is a bad record (line 1), so
-    that it is reported or counted rather than silently contributing nothing."""
+    that it is reported or counted rather than silently contributing nothing.
+
+    JSONL files may be read in pieces: the lines that start in bytes ``[start, end)``,
+    where ``start`` is the beginning of line ``first_line`` (see :func:`jsonl_pieces`)."""
     name = str(file)
     if fmt == "parquet":
         yield from _parquet_records(file)
@@ -133,12 +137,17 @@ def raw_records(file: Path, fmt: str) -> Iterator[RawRecord]:
             yield RawRecord(name, 1, data, fmt)
             return
         if fmt == "jsonl":
-            empty = True
-            for lineno, line in enumerate(f, 1):
+            empty = start == 0
+            f.seek(start)
+            pos = start
+            for lineno, line in enumerate(f, first_line):
+                if end is not None and pos >= end:
+                    break
+                pos += len(line)
                 if line.strip():
                     empty = False
                     yield RawRecord(name, lineno, line, fmt)
-            if empty:
+            if empty and (end is None or end >= file.stat().st_size):  # the whole file
                 yield RawRecord(name, 1, b"", fmt)
             return
         if fmt != "text":
@@ -191,6 +200,29 @@ def hub_records(dataset_id: str, config: str | None, split: str) -> Iterator[Raw
 
     yield from _rows(f"hf://{dataset_id} {split}", "the Hub dataset", lambda: datasets.load_dataset(
         dataset_id, config, split=split, streaming=True))
+
+
+def jsonl_pieces(file: Path, piece_bytes: int) -> list[tuple[int, int, int]]:
+    """``(start, end, first_line)`` pieces of about ``piece_bytes`` each that cut a JSONL
+    file at line boundaries (one pass counting newlines, so every piece knows the
+    number of its first line for error messages)."""
+    size = file.stat().st_size
+    pieces, start, line = [], 0, 1
+    with file.open("rb") as f:
+        while start < size:
+            f.seek(min(start + piece_bytes, size))
+            if f.tell() < size:
+                f.readline()  # to the end of the line the cut falls in
+            end = f.tell()
+            f.seek(start)
+            newlines, left = 0, end - start
+            while left > 0:
+                block = f.read(min(left, 1 << 22))
+                newlines += block.count(b"\n")
+                left -= len(block)
+            pieces.append((start, end, line))
+            start, line = end, line + newlines
+    return pieces or [(0, 0, 1)]
 
 
 def iter_records(path: str, include: str = "*", exclude: tuple[str, ...] | list[str] = (),

@@ -31,7 +31,8 @@ from hcx.tokenizer import special_tokens as st
 from hcx.config import Strict, load_config
 from hcx.errors import HcxError
 from hcx.paths import resolve
-from hcx.data.sources import BadRecord, iter_records, parse_record
+from hcx.data.sources import (BadRecord, detect_format, expand, is_hub, iter_records,
+                              jsonl_pieces, parse_record, raw_records)
 
 LANGUAGES = ("ko", "en", "code")
 # SentencePiece splits training text at this character and never merges across it; it
@@ -101,17 +102,74 @@ def load_spec(path: str | Path, overrides: list[str] = ()) -> TokenizerSpec:
 # --- 1. sampling ------------------------------------------------------------------------
 
 
-def iter_documents(source: CorpusSource) -> Iterator[str]:
+def _documents(source: CorpusSource, records) -> Iterator[str]:
     from hcx.data.corpus.clean import normalize
 
-    for record in iter_records(source.path, source.include, source.exclude,
-                               language=source.language):
+    for record in records:
         try:
             text = parse_record(record, source.text_field)
         except BadRecord as e:
             raise TokenizerTrainError(f"source {source.name!r}: {e}") from None
         if text.strip():
             yield normalize(text).replace(MORPHEME_DELIMITER, "")
+
+
+def iter_documents(source: CorpusSource) -> Iterator[str]:
+    yield from _documents(source, iter_records(source.path, source.include, source.exclude,
+                                               language=source.language))
+
+
+def corpus_pieces(sources: list[CorpusSource], pieces: int) -> list[tuple]:
+    """``(source, file, format, start, end, first_line, bytes)`` pieces covering every
+    file of ``sources``: JSONL files cut at line boundaries into about ``pieces`` pieces
+    over all of them (as ``hcx data prepare`` cuts its tasks), other files whole."""
+    files = [(s, f, detect_format(f, s.language)) for s in sources
+             for f in expand(s.path, s.include, s.exclude)]
+    total = sum(f.stat().st_size for _, f, _ in files)
+    size = max(total // max(pieces, 1), 1 << 16)
+    out = []
+    for source, f, fmt in files:
+        if fmt == "jsonl":
+            out += [(source, f, fmt, a, b, line, b - a) for a, b, line in jsonl_pieces(f, size)]
+        else:
+            out.append((source, f, fmt, 0, None, 1, f.stat().st_size))
+    return out
+
+
+SAMPLE_PIECES = 256  # places a large corpus is sampled at, spread over all its files
+SPREAD_ABOVE = 64    # corpus bytes per wanted character above which the sample is spread
+
+
+def language_documents(sources: list[CorpusSource], want_chars: int) -> list[str]:
+    """About ``want_chars`` of whole documents of one language. A corpus of up to
+    ``SPREAD_ABOVE`` times that (every shipped spec's) is read in order, as before; a
+    larger one is cut into ``SAMPLE_PIECES`` pieces across all
+    its files (JSONL at line boundaries), and every piece gives its share of documents
+    from its start: the sample covers the whole corpus, not its first files, and memory
+    holds only the sample, however large the corpus."""
+    local = [s for s in sources if not is_hub(s.path)]
+    corpus_bytes = sum(f.stat().st_size for s in local
+                       for f in expand(s.path, s.include, s.exclude))
+    if len(local) < len(sources) or corpus_bytes <= SPREAD_ABOVE * want_chars:
+        docs, read = [], 0
+        for source in sources:
+            for doc in iter_documents(source):
+                docs.append(doc)
+                read += len(doc)
+                if read >= want_chars:
+                    return docs
+        return docs
+    pieces = corpus_pieces(sources, SAMPLE_PIECES)
+    quota = want_chars / len(pieces)
+    docs = []
+    for source, f, fmt, start, end, line, _ in pieces:
+        got = 0
+        for doc in _documents(source, raw_records(f, fmt, start, end, line)):
+            docs.append(doc)
+            got += len(doc)
+            if got >= quota:
+                break
+    return docs
 
 
 def split_sentences(text: str, max_chars: int) -> Iterator[str]:
@@ -136,10 +194,12 @@ def split_sentences(text: str, max_chars: int) -> Iterator[str]:
 def sample_sentences(spec: TokenizerSpec, log=print) -> dict[str, list[str]]:
     """Training sentences per language, each language to its share of ``sample_chars``.
 
-    A language's sources are read in order until ``OVERSAMPLE`` times its share is in
-    memory (so a large corpus is never loaded whole); those documents are shuffled
-    with the spec's seed (reproducible) and cut into sentences until the share is
-    met. A language with less text than its share contributes all it has (reported).
+    ``OVERSAMPLE`` times a language's share is drawn from its corpus
+    (:func:`language_documents`: in order when the corpus is small, else from pieces
+    spread over all its files, so a corpus that does not fit in memory works); those
+    documents are shuffled with the spec's seed (reproducible) and cut into sentences
+    until the share is met. A language with less text than its share contributes all it
+    has (reported).
     """
     rng = random.Random(spec.seed)
     total_ratio = sum(spec.language_ratios.get(lang, 0) for lang in {s.language for s in spec.sources})
@@ -149,15 +209,7 @@ def sample_sentences(spec: TokenizerSpec, log=print) -> dict[str, list[str]]:
         if not sources:
             continue
         budget = int(spec.sample_chars * spec.language_ratios[lang] / total_ratio)
-        docs, read = [], 0
-        for source in sources:
-            for doc in iter_documents(source):
-                docs.append(doc)
-                read += len(doc)
-                if read >= OVERSAMPLE * budget:
-                    break
-            if read >= OVERSAMPLE * budget:
-                break
+        docs = language_documents(sources, OVERSAMPLE * budget)
         rng.shuffle(docs)
         chosen, used = [], 0
         for doc in docs:

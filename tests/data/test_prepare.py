@@ -252,24 +252,32 @@ def test_bad_input_names_file_and_line_or_is_counted(tmp_path, content, line, me
         assert stats(tmp_path)["bad"]["removed_examples"][next(iter(counted))] == [f"{bad}:{line}"]
 
 
-def test_sigkill_mid_write_leaves_nothing_the_engine_accepts(tmp_path, shared_data):
+def work_files(out: Path, pattern: str) -> list[Path]:
+    """Files of a run's datatrove work directory (``<prepared>/work/<run>/``)."""
+    return list(out.glob(f"work/*/{pattern}")) if out.exists() else []
+
+
+def test_sigkill_mid_task_then_rerun_resumes_with_identical_output(tmp_path, shared_data):
+    """SIGKILL while a task writes: nothing the engine accepts is left; a rerun skips the
+    tasks datatrove marked complete and writes the same bytes as an uninterrupted run."""
     big = tmp_path / "big.jsonl"
     texts = [json.loads(x)["text"] for x in
              (shared_data / "train/pretrain/ko_legalize_kr_precedents/train.jsonl").read_text().splitlines()]
     write_jsonl(big, texts)
-    recipe = make_recipe(tmp_path, [{"name": "big", "language": "ko", "path": str(big)}],
-                         dedup={"near": False})
+    src = [{"name": "big", "language": "ko", "path": str(big)}]
+    recipe = make_recipe(tmp_path, src, executor={"shard_mb": 2})
     proc = subprocess.Popen([sys.executable, "-m", "hcx.cli", "data", "prepare", str(recipe)],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     out = prepared(tmp_path)
     deadline = time.time() + 120
-    while time.time() < deadline:  # kill while the dataset is being written
-        partial = list(out.glob("big.tmp*.bin")) if out.exists() else []
-        if partial and partial[0].stat().st_size > 0:
+    while time.time() < deadline:  # kill while a task writes, after one has finished
+        done = work_files(out, "logs/process/completions/*")
+        partial = [f for f in work_files(out, "docs/*.tmp*.bin") if f.stat().st_size > 0]
+        if done and partial:
             break
-        time.sleep(0.05)
+        time.sleep(0.02)
     else:
-        pytest.fail("prepare never started writing")
+        pytest.fail("prepare never finished a task and started the next")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "big.idx").exists() and not (out / "manifest.json").exists()
@@ -277,23 +285,29 @@ def test_sigkill_mid_write_leaves_nothing_the_engine_accepts(tmp_path, shared_da
     from hcx.data.prepare import is_prepared
 
     assert not is_prepared(load_recipe(recipe))
-    hcx("data", "prepare", str(recipe))  # a rerun cleans up and completes
-    assert not list(out.glob("*.tmp*"))
+    rerun = hcx("data", "prepare", str(recipe))  # a rerun continues and completes
+    assert "already processed by an earlier run" in rerun.stderr
+    assert not list(out.glob("*.tmp*")) and not work_files(out, "*")  # work files removed
     assert len(documents(out / "big")) == stats(tmp_path)["big"]["documents"] > 1000
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    hcx("data", "prepare", str(make_recipe(fresh, src, executor={"shard_mb": 2}, workers=2)))
+    for ext in (".bin", ".idx"):
+        assert (out / f"big{ext}").read_bytes() == (prepared(fresh) / f"big{ext}").read_bytes()
 
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sigterm_cleans_up(tmp_path, shared_data, workers):
     recipe = make_recipe(tmp_path, [{"name": "big", "language": "ko",
                                      "path": "data://train/pretrain/ko_legalize_kr_precedents/train.jsonl"}],
-                         workers=workers)
+                         workers=workers, executor={"shard_mb": 2})
     proc = subprocess.Popen([sys.executable, "-m", "hcx.cli", "data", "prepare", str(recipe)],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     out = prepared(tmp_path)
     deadline = time.time() + 120
-    while not (out.exists() and list(out.glob("big.tmp*.bin"))) and time.time() < deadline:
-        time.sleep(0.05)
-    assert list(out.glob("big.tmp*.bin")), "prepare never started writing"
+    while not work_files(out, "docs/*.tmp*.bin") and time.time() < deadline:
+        time.sleep(0.02)
+    assert work_files(out, "docs/*.tmp*.bin"), "prepare never started writing"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err

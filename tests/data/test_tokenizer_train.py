@@ -143,3 +143,25 @@ def test_spec_errors_name_the_line(tmp_path):
     spec.write_text("name: x\nlanguage_ratios: {ko: 1.0}\nsources:\n  - {name: a, language: en, path: a.txt}\n")
     proc = hcx("tokenizer", "train", str(spec), check=False)
     assert "'en' but language_ratios gives that language no share" in proc.stderr
+
+
+def test_a_large_corpus_is_sampled_across_all_its_files(tmp_path):
+    """A corpus much larger than the sample is drawn from pieces spread over all its
+    files and shards, not read from the start until the budget is met."""
+    shards = tmp_path / "ko"
+    shards.mkdir()
+    for i in range(4):  # 4 shards of ~500 KB, each document naming its shard
+        lines = [json.dumps({"text": f"샤드{i} 문서{j} " + "가나다라마바사 " * 60}, ensure_ascii=False)
+                 for j in range(400)]
+        (shards / f"part-{i}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    from hcx.data.tokenizer_train import CorpusSource, language_documents
+
+    source = CorpusSource(name="ko", path=str(shards), language="ko", include="*.jsonl")
+    docs = language_documents([source], 20_000)   # the corpus is ~100x larger
+    assert 20_000 <= sum(map(len, docs)) < 40_000
+    assert {d.split()[0] for d in docs} == {"샤드0", "샤드1", "샤드2", "샤드3"}
+    # ... and from inside the shards, not only from their first lines
+    assert max(int(d.split()[1][2:]) for d in docs) > 200
+    # a corpus not much larger than the sample is read from its start, as before
+    docs = language_documents([source], 100_000)
+    assert {d.split()[0] for d in docs} == {"샤드0"}

@@ -9,6 +9,8 @@ sign documents that a single process later deduplicates.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 _U64_MAX = np.iinfo(np.uint64).max
@@ -125,6 +127,7 @@ def _integral(y: np.ndarray, x: np.ndarray) -> float:
     return float(((y[1:] + y[:-1]) * np.diff(x)).sum() / 2)
 
 
+@functools.lru_cache(maxsize=16)  # ~0.1 s a call; every pipeline task asks
 def optimal_bands_rows(threshold: float, num_perm: int) -> tuple[int, int]:
     """(bands, rows) with ``bands * rows <= num_perm`` minimising the false-positive
     plus false-negative area under the LSH S-curve ``P(s) = 1 - (1 - s**rows)**bands``

@@ -1,0 +1,162 @@
+"""Where ``hcx data prepare``'s datatrove stages run: datatrove's own local, SLURM and
+Ray executors, configured from ``data.prepare`` (``workers`` and ``executor``).
+
+hcx adds only three things to datatrove's executors: a task's console output goes to its
+log file alone (``<work>/logs/<stage>/logs/task_NNNNN.log``; the user sees hcx's
+messages, and an error once, not a traceback per task), a local worker process exits when
+the run that started it is gone (SIGKILL), and SLURM directives that are not set are left
+out rather than written empty.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import sys
+import threading
+import time
+from pathlib import Path
+
+from datatrove.executor.local import LocalPipelineExecutor
+from datatrove.executor.ray import RayPipelineExecutor
+from datatrove.executor.slurm import SlurmPipelineExecutor
+
+from hcx.config import Recipe
+
+_WATCHING: list[int] = []
+# Where a task's console output goes. Never closed: datatrove's console sink, added for a
+# task, stays registered after it and must still be writable.
+_NULL = open(os.devnull, "w")  # noqa: SIM115
+
+
+def _exit_with_parent() -> None:
+    """In a local pool worker: exit once the process that forked it is gone (its parent is
+    datatrove's fork server, which ends with the run), so a killed run leaves nothing
+    running that could write into a rerun's files."""
+    if _WATCHING:
+        return
+    _WATCHING.append(os.getppid())
+
+    def watch():
+        while os.getppid() == _WATCHING[0]:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _die_with_parent() -> None:
+    """In a forked child (datatrove's local executor forks a multiprocessing manager):
+    ask Linux to kill it when its parent dies, so a SIGKILLed run leaves nothing behind."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the child ends with its work instead
+        pass
+
+
+_HOOKED: list[bool] = []
+
+
+def reap_children_on_exit() -> None:
+    """Children forked from now on die with this process (once per process)."""
+    if not _HOOKED:
+        os.register_at_fork(after_in_child=_die_with_parent)
+        _HOOKED.append(True)
+
+
+class _QuietTasks:
+    """A task's log goes to its file only (datatrove also prints it to stderr)."""
+
+    def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1):
+        with contextlib.redirect_stderr(_NULL):
+            return super()._run_for_rank(rank, local_rank, node_rank)
+
+
+class LocalExecutor(_QuietTasks, LocalPipelineExecutor):
+    def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1):
+        if self.workers > 1:
+            _exit_with_parent()
+        return super()._run_for_rank(rank, local_rank, node_rank)
+
+
+class RayExecutor(_QuietTasks, RayPipelineExecutor):
+    pass
+
+
+class SlurmExecutor(_QuietTasks, SlurmPipelineExecutor):
+    def get_sbatch_args(self, max_array: int = 1) -> dict:
+        return {k: v for k, v in super().get_sbatch_args(max_array).items() if v is not None}
+
+
+def _preload_workers() -> None:
+    """Local workers are forked from datatrove's fork server (a clean process, no threads);
+    having it import hcx's pipeline modules once means every worker of every stage starts
+    with them loaded, instead of importing hcx, datatrove and numpy again (seconds per
+    stage on 2 busy cores)."""
+    import multiprocess
+
+    multiprocess.get_context("forkserver").set_forkserver_preload(
+        ["hcx.data.pipeline", "hcx.data.documents", "hcx.data.executors",
+         "datatrove.executor.local", "sentencepiece"])
+
+
+def make_executor(recipe: Recipe, stage: str, pipeline: list, tasks: int, logging_dir: Path,
+                  depends=None):
+    """The executor for one stage of a run, as the recipe's ``data.prepare`` asks."""
+    cfg = recipe.data.prepare
+    ex = cfg.executor
+    workers = max(1, min(cfg.workers, tasks))
+    if ex.kind == "local":
+        reap_children_on_exit()
+        _preload_workers()
+        return LocalExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=str(logging_dir))
+    if ex.kind == "ray":
+        return RayExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=str(logging_dir),
+                           cpus_per_task=ex.cpus_per_task, mem_per_cpu_gb=ex.mem_per_cpu_gb,
+                           tasks_per_job=ex.tasks_per_job)
+    sbatch_args = {"account": ex.account}
+    for opt in ex.sbatch_options:  # --qos=high -> qos: high
+        key, _, value = opt.lstrip("-").partition("=")
+        sbatch_args[key] = value or ""
+    python = Path(sys.executable)
+    # The job runs where hcx was started, with this Python's environment and data root,
+    # as hcx launch's jobs do.
+    env = [f"cd {shlex.quote(os.getcwd())}",
+           f"export PATH={shlex.quote(str(python.parent))}:$PATH"]
+    for var in ("PYTHONPATH", "HCX_DATA_DIR"):
+        if os.environ.get(var):
+            env.append(f"export {var}={shlex.quote(os.environ[var])}")
+    return SlurmExecutor(
+        pipeline, tasks=tasks, time=ex.time, partition=ex.partition,
+        cpus_per_task=ex.cpus_per_task, mem_per_cpu_gb=ex.mem_per_cpu_gb,
+        tasks_per_job=ex.tasks_per_job, job_name=f"hcx-prepare-{stage}", qos="", env_command="\n".join(env),
+        sbatch_args=sbatch_args, logging_dir=str(logging_dir), depends=depends,
+        slurm_logs_folder=str(logging_dir / "slurm_logs"), mail_type="", requeue_signals=None)
+
+
+@contextlib.contextmanager
+def ray_cluster(recipe: Recipe, log):
+    """Connect to ``executor.address`` or start a local Ray cluster of ``workers`` CPUs
+    (stopped at the end); an already connected driver (a test) is used as it is."""
+    from hcx.errors import require
+
+    ray = require("ray", "ray", purpose="data.prepare.executor.kind: ray")
+    if ray.is_initialized():
+        yield
+        return
+    address = recipe.data.prepare.executor.address
+    if address:
+        log(f"connecting to the Ray cluster at {address}")
+        ray.init(address=address, log_to_driver=False)
+    else:
+        log(f"starting a local Ray cluster ({recipe.data.prepare.workers} CPUs)")
+        ray.init(num_cpus=recipe.data.prepare.workers, include_dashboard=False,
+                 log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
