@@ -105,7 +105,7 @@ def test_the_core_install_leaves_evaluation_dependencies_to_the_eval_extra(wheel
     assert any(r.startswith("lm-eval==") for r in eval_extra)
     assert any(r.startswith("torch") for r in core) and any(r.startswith("megatron-core") for r in core)
     test_extra = [r for r in requires if 'extra == "test"' in r]
-    assert any(r.startswith("hcx[eval,mlflow,serve,wandb]") for r in test_extra)  # sorted
+    assert any(r.startswith("hcx[eval,mlflow,ray,serve,wandb]") for r in test_extra)  # sorted
     for extra in ("wandb", "mlflow"):  # the experiment trackers (logging.wandb / logging.mlflow)
         assert not any(r.lower().startswith(extra) for r in core), (extra, core)
         assert any(r.startswith(extra) and f'extra == "{extra}"' in r for r in requires), extra
