@@ -19,6 +19,10 @@ def cmd_data_prepare(args: argparse.Namespace, argv: list[str]) -> int:
         overrides.append(f"data.prepare.workers={args.workers}")
     if args.skip_bad:
         overrides.append("data.prepare.skip_bad=true")
+    if args.executor is not None:
+        overrides.append(f"data.prepare.executor.kind={args.executor}")
+    if args.ray_address is not None:
+        overrides.append(f"data.prepare.executor.address={args.ray_address}")
     recipe = load_recipe(args.recipe, overrides)
     if recipe.data.prepare.executor.kind == "slurm" and (args.force or not prepare.is_prepared(recipe)):
         submitted = prepare.run(recipe, log=log)
@@ -175,13 +179,24 @@ def add_parsers(sub) -> None:
                     "and control-character cleanup, length/repetition/language filters, exact "
                     "and MinHash near-duplicate removal across sources, PII masking, "
                     "decontamination against eval sets, fill-in-the-middle for code, "
-                    "tokenization in worker processes. Writes <source>.bin/.idx, stats.json "
-                    "and stats.md into data.prepare.output_dir (default "
-                    "<output_dir>/data_cache/prepared), where 'hcx pretrain' finds them. "
-                    "Settings: data.prepare.* in the recipe (see docs/data.md).")
+                    "tokenization, as datatrove tasks on an executor: local worker processes "
+                    "(default), SLURM job arrays, or a Ray cluster. Finished tasks are skipped "
+                    "on a rerun. Writes <source>.bin/.idx, stats.json and stats.md into "
+                    "data.prepare.output_dir (default <output_dir>/data_cache/prepared), where "
+                    "'hcx pretrain' finds them. Settings: data.prepare.* in the recipe "
+                    "(executor: data.prepare.executor.*; see docs/data.md).")
     p.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny.yaml")
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
-    p.add_argument("--workers", type=int, help="tokenizing processes (data.prepare.workers)")
+    p.add_argument("--workers", type=int, help="tasks run at once, local or on Ray "
+                   "(data.prepare.workers)")
+    p.add_argument("--executor", choices=("local", "slurm", "ray"),
+                   help="where the tasks run (data.prepare.executor.kind; default local): slurm "
+                        "submits job arrays with sbatch (partition, time, ... under "
+                        "data.prepare.executor) and returns; ray uses --ray-address or starts a "
+                        "local Ray cluster")
+    p.add_argument("--ray-address", metavar="ADDRESS",
+                   help="an existing Ray cluster, e.g. ray://head:10001 "
+                        "(data.prepare.executor.address)")
     p.add_argument("--skip-bad", action="store_true",
                    help="count malformed records in the report instead of stopping at the first")
     p.add_argument("--force", action="store_true", help="prepare even if up to date")
