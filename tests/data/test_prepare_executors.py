@@ -109,9 +109,10 @@ def test_slurm_job_scripts_write_what_the_local_executor_writes(tmp_path, local_
            "FAKE_SLURM_LOG": str(log)}
     recipe = make_recipe(tmp_path, SOURCES, **SETTINGS)
     proc = subprocess.run([sys.executable, "-m", "hcx.cli", "data", "prepare", str(recipe),
-                           "--executor", "slurm", "data.prepare.executor.partition=cpu",
+                           "data.prepare.executor.partition=cpu",
                            "data.prepare.executor.time=01:00:00",
-                           "data.prepare.executor.tasks_per_job=16"],  # one array job per stage
+                           "data.prepare.executor.tasks_per_job=16",  # one array job per stage
+                           "--executor", "slurm"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     jobs_output = log.with_name(log.name + ".out")
     assert proc.returncode == 0, proc.stderr + (jobs_output.read_text() if jobs_output.exists() else "")

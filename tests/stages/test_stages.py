@@ -23,7 +23,8 @@ def test_every_align_method_has_a_stage():
              for m in methods}
     assert names == {"dpo": "align", "ipo": "align", "kto": "align", "bco": "align",
                      "orpo": "align", "reward": "reward", "fdpg": "fdpg",
-                     "grpo": "grpo", "rloo": "rloo", "jbond": "jbond"}
+                     "grpo": "grpo", "rloo": "rloo", "jbond": "jbond",
+                     "self_judge": "self_judge"}
     assert stage_for("pretrain", load_recipe(RECIPES / "tiny.yaml")).name == "pretrain"
     with pytest.raises(ValueError, match="no training stage 'eval'"):
         stage_for("eval", load_recipe(RECIPES / "tiny.yaml"))
