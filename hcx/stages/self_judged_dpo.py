@@ -48,6 +48,7 @@ from functools import partial
 
 import torch
 
+from hcx.config import SelfJudgeConfig
 from hcx.data.sources import raw_source_errors
 from hcx.engine.loop import log_rank0
 from hcx.engine.parallel import device, dp_gather
@@ -146,10 +147,9 @@ class SelfJudgeTask(OnlineTask):
         decided = points[:, 0] != points[:, 1]
 
         # (chosen, rejected) rows per pair; an undecided pair keeps sample order, weight 0
-        chosen = [sampled[2 * i + (0 if first_wins[i] or not decided[i] else 1)].ids
-                  for i in range(local)]
-        rejected = [sampled[2 * i + (1 if first_wins[i] or not decided[i] else 0)].ids
-                    for i in range(local)]
+        swap = (decided & ~first_wins).long().tolist()
+        chosen = [sampled[2 * i + swap[i]].ids for i in range(local)]
+        rejected = [sampled[2 * i + 1 - swap[i]].ids for i in range(local)]
         ids = [p.ids for p in picked]
         mb = self.pairs_per_microbatch
         batches = []
@@ -167,36 +167,31 @@ class SelfJudgeTask(OnlineTask):
                                           first_wins.double().unsqueeze(1),
                                           finished.unsqueeze(1), rewards], 1).to(device()),
                                topo).cpu()
-        stats_t = torch.tensor([self._stat(everything, name) for name in STATS],
-                               dtype=torch.float64)
+        stats = self.step_stats(everything)
+        stats_t = torch.tensor([stats[name] for name in STATS], dtype=torch.float64)
         for k, batch in enumerate(batches):
             part = slice(k * mb, (k + 1) * mb)
             batch.update(weights=decided[part].double(), ref_logps=ref[k], stats=stats_t)
         return batches
 
     @staticmethod
-    def _stat(everything: torch.Tensor, name: str) -> float:
-        """One step statistic from every DP rank's ``[pairs, 8]`` (points of the first,
-        of the second, unreadable replies, decided, first won, unfinished share, the two
-        samples' rewards)."""
-        pa, pb, unread, decided = (everything[:, i] for i in range(4))
-        n = everything.shape[0]
-        if name == "judge/decided":
-            return decided.mean().item()
-        if name == "judge/undecided":
-            return 1.0 - decided.mean().item()
-        if name == "judge/inconsistent":  # each order picked a different completion
-            return ((pa == 1) & (pb == 1)).double().mean().item()
-        if name == "judge/unparsed":  # share of judge replies that named no verdict
-            return unread.sum().item() / (2 * n)
-        if name == "judge/first":
-            won = everything[:, 4][decided > 0]
-            return won.mean().item() if won.numel() else 0.5
-        if name == "completions/clipped_ratio":
-            return everything[:, 5].mean().item()
+    def step_stats(everything: torch.Tensor) -> dict[str, float]:
+        """The step's :data:`STATS` from every DP rank's ``[pairs, 8]`` (points of the
+        first, of the second, unreadable replies, decided, first won, unfinished share,
+        the two samples' rewards)."""
+        pa, pb, unread, decided, first_won, unfinished = (everything[:, i] for i in range(6))
+        won = first_won[decided > 0]
         rewards = everything[:, 6:8].reshape(-1)
         rewards = rewards[~rewards.isnan()]
-        return rewards.mean().item() if rewards.numel() else 0.0
+        return {"judge/decided": decided.mean().item(),
+                "judge/undecided": 1.0 - decided.mean().item(),
+                # each order picked a different completion
+                "judge/inconsistent": ((pa == 1) & (pb == 1)).double().mean().item(),
+                # share of judge replies that named no verdict
+                "judge/unparsed": unread.sum().item() / (2 * everything.shape[0]),
+                "judge/first": won.mean().item() if won.numel() else 0.5,
+                "completions/clipped_ratio": unfinished.mean().item(),
+                "reward": rewards.mean().item() if rewards.numel() else 0.0}
 
     def forward_step(self, model, batch):
         return token_logps_output(model, batch), partial(self.loss, batch)
@@ -233,8 +228,8 @@ class SelfJudgeStage(Stage):
             return [("align.online", "align.method=self_judge samples with align.online (an "
                      "empty section takes the defaults; set max_new_tokens, temperature, "
                      "top_p, prompts_field)")]
-        sj = a.self_judge
-        judge = sj.judge if sj is not None else "self"
+        sj = a.self_judge or SelfJudgeConfig()
+        judge = sj.judge
         problems = (raw_source_errors(recipe.data.sources, "prompts")
                     + prompt_room_errors(recipe) + reward_errors(recipe, required=judge == "reward")
                     + [(key, f"{msg} (DPO's reference model)")
@@ -244,9 +239,8 @@ class SelfJudgeStage(Stage):
             from hcx.errors import HcxError
             from hcx.stages.self_judge import load_pair_prompt
 
-            settings = sj or _defaults()
             try:
-                load_pair_prompt(settings.judge_prompts, settings.judge_prompt)
+                load_pair_prompt(sj.judge_prompts, sj.judge_prompt)
             except (HcxError, FileNotFoundError) as e:
                 problems.append(("align.self_judge.judge_prompts", str(e)))
         return problems
@@ -258,7 +252,7 @@ class SelfJudgeStage(Stage):
         from hcx.stages.self_judge import load_pair_prompt
 
         recipe = engine.recipe
-        sj = recipe.align.self_judge or _defaults()
+        sj = recipe.align.self_judge or SelfJudgeConfig()
         cfg = recipe.align.online
         reference = frozen_model(recipe, engine.vocab_size, engine.topo,
                                  reference_checkpoint(recipe), log_rank0)
@@ -275,8 +269,3 @@ class SelfJudgeStage(Stage):
             log_rank0(f"self_judge: pairs judged by {sj.judge} with {sj.judge_prompt}")
         return SelfJudgeTask(engine, tokenizer, prompts, judge, reward, reference), None
 
-
-def _defaults():
-    from hcx.config import SelfJudgeConfig
-
-    return SelfJudgeConfig()

@@ -101,7 +101,7 @@ def test_step_statistics_by_hand():
                          [1, 1, 0, 0, 0, 1.0, 0.2, 0.2],
                          [0, 0, 2, 0, 0, 0.5, nan, 0.3],
                          [0, 2, 0, 1, 0, 0.0, 0.4, 0.0]], dtype=torch.float64)
-    stat = lambda name: SelfJudgeTask._stat(rows, name)  # noqa: E731
+    stat = SelfJudgeTask.step_stats(rows).__getitem__
     assert stat("judge/decided") == 0.5 and stat("judge/undecided") == 0.5
     assert stat("judge/inconsistent") == 0.25
     assert stat("judge/unparsed") == 2 / 8
