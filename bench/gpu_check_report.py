@@ -113,23 +113,15 @@ def main() -> int:
             lines.append(f"| {mode} | n/a | {status(times, f'save_{mode}_every')} |")
     lines.append("")
 
-    ev = load_json(work / "eval_throughput.json")
-    lines += ["## Evaluation (tiny model)", ""]
-    if ev:
-        lines.append("```")
-        lines.append(json.dumps(ev, indent=1)[:4000])
-        lines.append("```")
-    else:
-        lines.append(f"not measured: {status(times, 'eval_throughput')}")
-    lines.append("")
-    gen = load_json(work / "generate_throughput.json")
-    lines += ["## Generation (tiny model)", ""]
-    if gen:
-        lines.append("```")
-        lines.append(json.dumps(gen, indent=1)[:3000])
-        lines.append("```")
-    else:
-        lines.append(f"not measured: {status(times, 'generate_throughput')}")
+    for title, name, cap in (("Evaluation", "eval_throughput", 4000),
+                             ("Generation", "generate_throughput", 3000)):
+        found = load_json(work / f"{name}.json")
+        lines += [f"## {title} (tiny model)", ""]
+        if found:
+            lines += ["```", json.dumps(found, indent=1)[:cap], "```"]
+        else:
+            lines.append(f"not measured: {status(times, name)}")
+        lines.append("")
     Path(args.out).write_text("\n".join(lines) + "\n")
     return 0
 
