@@ -217,8 +217,9 @@ class ExecutorSettings(Strict):
     kind: Literal["local", "slurm", "ray"] = Field(
         default="local", description="local: data.prepare.workers processes here; slurm: "
         "job arrays through sbatch; ray: an existing Ray cluster (address) or a local one")
-    shard_mb: float = Field(default=16.0, gt=0, description="input bytes per task (JSONL "
-                            "files are cut at line boundaries; other files are whole)")
+    shard_mb: float | None = Field(default=None, gt=0, description="MB of input per task "
+                                   "(JSONL files are cut at line boundaries; other files are "
+                                   "whole); None = the corpus over 32 tasks, 2-512 MB each")
     address: str | None = Field(default=None, description="ray: the cluster address "
                                 "(ray://host:10001 or host:6379); None = start a local one")
     partition: str | None = Field(default=None, description="slurm: partition")
@@ -230,6 +231,9 @@ class ExecutorSettings(Strict):
     mem_per_cpu_gb: float = Field(default=2.0, gt=0, description="slurm/ray: memory per CPU")
     sbatch_options: list[str] = Field(default_factory=list, description="slurm: extra "
                                       "#SBATCH lines, e.g. --qos=high")
+    grace: int = Field(default=120, ge=0, description="slurm: a task still running this "
+                       "many seconds before the time limit gets USR1 and requeues its job "
+                       "(it restarts; finished tasks are kept); 0 = no requeue")
 
 
 class PrepareConfig(Strict):

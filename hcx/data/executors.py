@@ -1,11 +1,12 @@
 """Where ``hcx data prepare``'s datatrove stages run: datatrove's own local, SLURM and
 Ray executors, configured from ``data.prepare`` (``workers`` and ``executor``).
 
-hcx adds only three things to datatrove's executors: a task's console output goes to its
+hcx adds only a few things to datatrove's executors: a task's console output goes to its
 log file alone (``<work>/logs/<stage>/logs/task_NNNNN.log``; the user sees hcx's
 messages, and an error once, not a traceback per task), a local worker process exits when
-the run that started it is gone (SIGKILL), and SLURM directives that are not set are left
-out rather than written empty.
+the run that started it is gone (SIGKILL), the local fork server starts early, SLURM
+directives that are not set are left out rather than written empty, and SLURM jobs follow
+``hcx launch``'s conventions (log names, requeue before the time limit).
 """
 
 from __future__ import annotations
@@ -92,16 +93,24 @@ class SlurmExecutor(_QuietTasks, SlurmPipelineExecutor):
         return {k: v for k, v in super().get_sbatch_args(max_array).items() if v is not None}
 
 
-def _preload_workers() -> None:
-    """Local workers are forked from datatrove's fork server (a clean process, no threads);
-    having it import hcx's pipeline modules once means every worker of every stage starts
-    with them loaded, instead of importing hcx, datatrove and numpy again (seconds per
-    stage on 2 busy cores)."""
+def start_local_workers(recipe: Recipe) -> None:
+    """Start the local executor's fork server now, in the background.
+
+    Local workers are forked from datatrove's fork server (a clean process, no threads).
+    It imports hcx's pipeline modules once, so every worker of every stage starts with
+    them loaded instead of importing hcx, datatrove and numpy again (seconds per stage on
+    2 busy cores). Starting it takes a new interpreter and those imports (~0.7 s), which
+    this overlaps with the driver's own start (fingerprint, plan, eval index)."""
+    cfg = recipe.data.prepare
+    if cfg.executor.kind != "local" or cfg.workers < 2:
+        return
     import multiprocess
+    from multiprocess import forkserver
 
     multiprocess.get_context("forkserver").set_forkserver_preload(
         ["hcx.data.pipeline", "hcx.data.documents", "hcx.data.executors",
          "datatrove.executor.local", "sentencepiece"])
+    threading.Thread(target=forkserver.ensure_running, daemon=True).start()
 
 
 def make_executor(recipe: Recipe, stage: str, pipeline: list, tasks: int, logging_dir: Path,
@@ -112,14 +121,22 @@ def make_executor(recipe: Recipe, stage: str, pipeline: list, tasks: int, loggin
     workers = max(1, min(cfg.workers, tasks))
     if ex.kind == "local":
         reap_children_on_exit()
-        _preload_workers()
+        start_local_workers(recipe)
         return LocalExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=str(logging_dir))
     if ex.kind == "ray":
         return RayExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=str(logging_dir),
                            cpus_per_task=ex.cpus_per_task, mem_per_cpu_gb=ex.mem_per_cpu_gb,
                            tasks_per_job=ex.tasks_per_job)
-    sbatch_args = {"account": ex.account}
-    for opt in ex.sbatch_options:  # --qos=high -> qos: high
+    # hcx launch's conventions: <job name>-<job id> log files, appended to across requeues,
+    # and USR1 `grace` seconds before the time limit to every job step, on which
+    # datatrove's handler requeues the job (scontrol requeue) and exits; the task restarts
+    # from its beginning, as one killed mid-way does (no completion marker yet).
+    logs = logging_dir / "slurm_logs"
+    sbatch_args = {"account": ex.account, "output": f"{logs}/%x-%A_%a.out",
+                   "error": f"{logs}/%x-%A_%a.err", "open-mode": "append"}
+    if ex.grace:
+        sbatch_args["signal"] = f"USR1@{ex.grace}"
+    for opt in ex.sbatch_options:  # --qos=high -> qos: high (and may replace the above)
         key, _, value = opt.lstrip("-").partition("=")
         sbatch_args[key] = value or ""
     python = Path(sys.executable)
@@ -135,7 +152,8 @@ def make_executor(recipe: Recipe, stage: str, pipeline: list, tasks: int, loggin
         cpus_per_task=ex.cpus_per_task, mem_per_cpu_gb=ex.mem_per_cpu_gb,
         tasks_per_job=ex.tasks_per_job, job_name=f"hcx-prepare-{stage}", qos="", env_command="\n".join(env),
         sbatch_args=sbatch_args, logging_dir=str(logging_dir), depends=depends,
-        slurm_logs_folder=str(logging_dir / "slurm_logs"), mail_type="", requeue_signals=None)
+        slurm_logs_folder=str(logs), mail_type="",
+        requeue_signals=("SIGUSR1",) if ex.grace else None)
 
 
 @contextlib.contextmanager

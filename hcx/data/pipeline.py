@@ -1,26 +1,26 @@
-"""``hcx data prepare`` as datatrove pipeline steps: the plan of tasks and the four stages.
+"""``hcx data prepare`` as datatrove pipeline steps: the plan of tasks and the stages.
 
-A run is cut into tasks by :func:`plan_tasks` (pieces of about ``shard_mb`` of one source;
-JSONL files are cut at line boundaries). The number of tasks depends only on the data,
-never on how many workers run them, so the output is the same for any executor and any
-number of workers. Four stages, each a datatrove executor run over its tasks:
+A run is cut into tasks by :func:`plan_tasks` (pieces of about ``shard_mb`` of one source,
+by default the corpus over 32; JSONL files are cut at line boundaries). The number of
+tasks depends only on the data, never on how many workers run them, so the output is the
+same for any executor and any number of workers. Three stages, each a datatrove executor
+run over its tasks:
 
 1. :class:`ProcessShard` (one task per shard): hcx's per-document steps (parse, clean,
-   filter, PII, FIM, tokenize, decontaminate) and the document's exact hash and MinHash
-   signature, written in datatrove's signature-bucket format.
+   filter, PII, FIM, tokenize, decontaminate), the shard's documents as a megatron-core
+   indexed dataset, and each document's exact hash and MinHash signature, written in
+   datatrove's signature-bucket format.
 2. :class:`FindDuplicates` (one task per LSH band, plus one for exact hashes):
    datatrove's :class:`MinhashDedupBuckets` merges the sorted bucket files of all shards
    into pairs of documents that share a band (or a hash).
 3. :class:`ClusterDuplicates` (one task): datatrove's :class:`MinhashDedupCluster` turns
    the exact pairs into documents to remove; near pairs are then confirmed on the full
    signature (estimated Jaccard >= threshold, as hcx did before) and clustered the same way.
-4. :class:`WriteShard` (one task per shard): the shard's documents minus the removed ones,
-   as a megatron-core indexed dataset, and the shard's statistics.
 
-The driver (:mod:`hcx.data.prepare`) then concatenates each source's shards into
-``<source>.bin/.idx`` (:func:`merge_source`). Every task writes under temporary names
-and renames; datatrove's completion marker, written after a task returns, is what a
-rerun trusts, so a killed task is simply run again.
+The driver (:mod:`hcx.data.prepare`; on SLURM, a last job) then writes each source's
+``<source>.bin/.idx`` from its shards minus the removed documents (:func:`write_source`).
+Every task writes under temporary names and renames; datatrove's completion marker,
+written after a task returns, is what a rerun trusts, so a killed task is simply run again.
 """
 
 from __future__ import annotations
@@ -54,15 +54,16 @@ class Task:
     pieces: list[tuple[str, str, int, int, int]]    # (file, format, start, end, first_line)
 
 
-def plan_tasks(recipe: Recipe) -> list[Task]:
-    """The shards of every raw source, in recipe order (earlier sources win duplicates)."""
-    piece_bytes = max(int(recipe.data.prepare.executor.shard_mb * 1e6), 1)
-    tasks: list[Task] = []
-    for index, source in enumerate(recipe.data.sources):
-        if source.path is None:
-            continue
-        if is_hub(source.path):  # streamed: one task (a Hub dataset cannot be cut offline)
-            tasks.append(Task(index, [(source.path, "hub", 0, 0, 0)]))
+AUTO_TASKS = 32                  # shard_mb unset: the corpus cut into about this many tasks,
+AUTO_SHARD_MB = (2.0, 512.0)     # in pieces of at least 2 and at most 512 MB
+
+
+def source_files(recipe: Recipe) -> list[list]:
+    """Per raw source: its files with their formats (``[]`` for a Hub source)."""
+    out = []
+    for source in recipe.data.sources:
+        if source.path is None or is_hub(source.path):
+            out.append([])
             continue
         try:
             files = expand(source.path, source.include, source.exclude)
@@ -70,10 +71,38 @@ def plan_tasks(recipe: Recipe) -> list[Task]:
             from hcx.data.documents import PrepareError
 
             raise PrepareError(f"data source {source.name!r}: {e}") from None
+        out.append([(f, source.format if source.format != "auto" else
+                     detect_format(f, source.language)) for f in files])
+    return out
+
+
+def shard_bytes(recipe: Recipe, files: list[list]) -> int:
+    """Input bytes per task: ``executor.shard_mb``, or when unset the corpus over
+    :data:`AUTO_TASKS` within :data:`AUTO_SHARD_MB`, so that a small corpus still gives
+    the workers several tasks each to balance, and a large one a few thousand at most.
+    Depends on the data only, never on the workers."""
+    mb = recipe.data.prepare.executor.shard_mb
+    if mb is None:
+        total = sum(f.stat().st_size for fs in files for f, _ in fs) / 1e6
+        low, high = AUTO_SHARD_MB
+        mb = min(max(total / AUTO_TASKS, low), high)
+    return max(int(mb * 1e6), 1)
+
+
+def plan_tasks(recipe: Recipe) -> list[Task]:
+    """The shards of every raw source, in recipe order (earlier sources win duplicates)."""
+    files = source_files(recipe)
+    piece_bytes = shard_bytes(recipe, files)
+    tasks: list[Task] = []
+    for index, source in enumerate(recipe.data.sources):
+        if source.path is None:
+            continue
+        if is_hub(source.path):  # streamed: one task (a Hub dataset cannot be cut offline)
+            tasks.append(Task(index, [(source.path, "hub", 0, 0, 0)]))
+            continue
         current: list = []
         size = 0
-        for f in files:
-            fmt = source.format if source.format != "auto" else detect_format(f, source.language)
+        for f, fmt in files[index]:
             if fmt == "jsonl":
                 pieces = [(str(f), fmt, a, b, line) for a, b, line in jsonl_pieces(f, piece_bytes)]
             else:
@@ -407,67 +436,41 @@ class ClusterDuplicates(HcxStep):
         self.stat_update("confirmed_pairs", value=confirmed)
 
 
-class WriteShard(HcxStep):
-    """Stage 4: a shard's documents that are not duplicates, as an indexed dataset."""
-
-    name = "write: documents left -> megatron-core indexed dataset"
-
-    def run(self, data=None, rank: int = 0, world_size: int = 1):
-        import time
-
-        from hcx.data.documents import token_dtype
-
-        t0 = time.time()
-        meta = json.loads((self.work / "meta" / f"{rank:05d}.json").read_text())
-        stats = ShardStats.from_json(meta["stats"])
-        exact = set(_read_u32(self.work / "exact" / "remove" / f"{rank:06d}.remove").tolist())
-        near = set(_read_u32(self.work / "near" / "remove" / f"{rank:06d}.remove").tolist())
-        dtype = token_dtype(run_tools(self.recipe, self.ngram_index).tokenizer.vocab_size)
-        docs = read_shard(self.work / "docs" / f"{rank:05d}", dtype)
-        out = self.work / "out"
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f"{rank:05d}.tmp{os.getpid()}"
-        builder = shard_writer(tmp, dtype)
-        for i, tokens in enumerate(docs):
-            where = meta["where"][i]
-            if i in exact:
-                stats.drop("exact_duplicate", where)
-                continue
-            if i in near:
-                stats.drop("near_duplicate", where)
-                continue
-            builder.write(tokens)
-            stats.documents += 1
-            stats.tokens += len(tokens)
-            stats.characters += meta["chars"][i]
-            stats.tokens_by_language[meta["language"][i]] += len(tokens)
-            stats.contamination.update(self.benchmarks[k] for k in meta["hits"][i])  # "report"
-        builder.close()
-        stats.seconds += time.time() - t0
-        self.stat_update("documents", value=stats.documents)
-        _write_json(out / f"{rank:05d}.json", stats.to_json())
-        for ext in (".bin", ".idx"):
-            os.replace(f"{tmp}{ext}", out / f"{rank:05d}{ext}")
-
-
-def merge_source(work: Path, ranks: list[int], dtype, final: Path, check_stop=lambda: None) -> None:
-    """Concatenate a source's written shards, in order, into ``final.bin/.idx`` (the same
-    bytes megatron's ``IndexedDatasetBuilder.add_index`` writes): under a temporary name,
-    then ``.bin`` and ``.idx`` renamed (an ``.idx`` always has its whole ``.bin``). Memory:
-    12 bytes per document of the source, for its index."""
-    import shutil
-
+def write_source(work: Path, ranks: list[int], dtype, final: Path, benchmarks: list[str],
+                 check_stop=lambda: None) -> ShardStats:
+    """A source's dataset ``final.bin/.idx``: its shards' documents in order, minus those
+    stage 3 removed, and the source's statistics. The kept documents of a shard are
+    copied as byte ranges (one per run of kept documents), under a temporary name; then
+    ``.bin`` and ``.idx`` are renamed (an ``.idx`` always has its whole ``.bin``).
+    Memory: one shard's metadata and 4 bytes per kept document of the source."""
     tmp = final.with_name(f"{final.name}.tmp{os.getpid()}")
+    size = np.dtype(dtype).itemsize
+    stats = ShardStats()
     try:
-        lengths = []
+        kept_lengths = []
         with open(f"{tmp}.bin", "wb") as out:
             for rank in ranks:
                 check_stop()
-                prefix = work / "out" / f"{rank:05d}"
-                lengths.append(read_index(Path(f"{prefix}.idx"))[0])
-                with open(f"{prefix}.bin", "rb") as f:
-                    shutil.copyfileobj(f, out, 1 << 24)
-        write_index(Path(f"{tmp}.idx"), np.concatenate(lengths) if lengths else
+                meta = json.loads((work / "meta" / f"{rank:05d}.json").read_text())
+                stats.merge(ShardStats.from_json(meta["stats"]))
+                lengths, pointers = read_index(work / "docs" / f"{rank:05d}.idx")
+                keep = np.ones(len(lengths), dtype=bool)
+                for reason, kind in (("exact_duplicate", "exact"), ("near_duplicate", "near")):
+                    removed = _read_u32(work / kind / "remove" / f"{rank:06d}.remove")
+                    removed = np.sort(removed[keep[removed]])  # removed once, counted once
+                    for i in removed.tolist():
+                        stats.drop(reason, meta["where"][i])
+                    keep[removed] = False
+                for i in np.flatnonzero(keep).tolist():
+                    stats.characters += meta["chars"][i]
+                    stats.tokens_by_language[meta["language"][i]] += int(lengths[i])
+                    stats.contamination.update(benchmarks[k] for k in meta["hits"][i])  # "report"
+                stats.documents += int(keep.sum())
+                stats.tokens += int(lengths[keep].sum())
+                kept_lengths.append(lengths[keep])
+                copy_documents(work / "docs" / f"{rank:05d}.bin", out, keep, lengths,
+                               pointers, size)
+        write_index(Path(f"{tmp}.idx"), np.concatenate(kept_lengths) if kept_lengths else
                     np.empty(0, np.int32), dtype)
         check_stop()
         for ext in (".idx", ".bin"):
@@ -477,6 +480,25 @@ def merge_source(work: Path, ranks: list[int], dtype, final: Path, check_stop=la
     finally:
         for ext in (".bin", ".idx"):
             Path(f"{tmp}{ext}").unlink(missing_ok=True)
+    return stats
+
+
+def copy_documents(path: Path, out, keep: np.ndarray, lengths: np.ndarray,
+                   pointers: np.ndarray, size: int) -> None:
+    """Append the kept documents of the shard ``path`` to ``out``: each run of
+    consecutive kept documents is one contiguous byte range."""
+    if not keep.any():
+        return
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], keep.astype(np.int8), [0]])))
+    with open(path, "rb") as f:
+        for first, end in zip(edges[::2].tolist(), edges[1::2].tolist()):
+            start = int(pointers[first])
+            left = int(pointers[end - 1]) + int(lengths[end - 1]) * size - start
+            f.seek(start)
+            while left > 0:
+                block = f.read(min(left, 1 << 24))
+                out.write(block)
+                left -= len(block)
 
 
 # --- megatron-core indexed datasets, without importing megatron (and torch) in tasks -----------
@@ -506,17 +528,6 @@ def read_index(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return lengths, pointers
 
 
-def read_shard(prefix: Path, dtype):
-    """The documents of ``prefix.bin/.idx``, one token array at a time."""
-    lengths, pointers = read_index(Path(f"{prefix}.idx"))
-    if not len(lengths):
-        return
-    data = np.memmap(f"{prefix}.bin", dtype=dtype, mode="r")
-    size = np.dtype(dtype).itemsize
-    for length, pointer in zip(lengths.tolist(), pointers.tolist()):
-        yield np.array(data[pointer // size:pointer // size + length])
-
-
 def write_index(path: Path, lengths: np.ndarray, dtype) -> None:
     """A megatron-core ``.idx`` for documents of these lengths, laid out back to back."""
     lengths = np.asarray(lengths, dtype="<i4")
@@ -530,10 +541,6 @@ def write_index(path: Path, lengths: np.ndarray, dtype) -> None:
         f.write(lengths.tobytes())
         f.write(pointers.tobytes())
         f.write(np.arange(len(lengths) + 1, dtype="<i8").tobytes())
-
-
-def shard_stats(work: Path, rank: int) -> ShardStats:
-    return ShardStats.from_json(json.loads((work / "out" / f"{rank:05d}.json").read_text()))
 
 
 def work_key(fingerprint: str, recipe: Recipe) -> str:

@@ -7,9 +7,9 @@ Per document, in the tasks of stage 1 (:class:`DocumentProcessor`):
     -> fill-in-the-middle (code) -> tokenize + eod -> exact hash, MinHash signature and
     eval n-gram hits (on the document's tokens); contaminated documents dropped.
 Across documents (stages 2-3, datatrove's MinHash buckets and clusters): exact and near
-duplicates across all sources (earlier sources win). Stage 4 writes each shard's
-remaining documents; :func:`finish` concatenates them into one ``<source>.bin/.idx`` per
-source. The tasks do not depend on the number of workers, so neither does the output.
+duplicates across all sources (earlier sources win). :func:`finish` then writes one
+``<source>.bin/.idx`` per source: its shards' documents minus the duplicates. The tasks
+do not depend on the number of workers, so neither does the output.
 
 Nothing half-written is ever accepted: each dataset is written under a temporary name
 and renamed (``.bin`` first, then ``.idx``, so an ``.idx`` always has its whole
@@ -215,7 +215,6 @@ def build_stages(recipe: Recipe, work: Path, benchmarks: list[str], index_path: 
     if find.tasks():
         wanted += [("duplicates", [find], find.tasks()),
                    ("clusters", [pl.ClusterDuplicates(*args)], 1)]
-    wanted.append(("write", [pl.WriteShard(*args)], len(tasks)))
     if recipe.data.prepare.executor.kind == "slurm":
         wanted.append(("finish", [FinishStep(*args, key=key)], 1))
     previous = None
@@ -256,9 +255,9 @@ def run_stage(name: str, executor, work: Path) -> None:
 
 def finish(recipe: Recipe, work: Path, tasks: list, benchmarks: list[str], key: str,
            seconds: float, log=print, check_stop: Callable[[], None] = lambda: None) -> dict:
-    """Concatenate each source's shards into ``<source>.bin/.idx``, merge the tasks'
-    statistics, write the reports and, last, the manifest; then drop the work directory."""
-    from hcx.data.pipeline import ShardStats, merge_source, shard_stats
+    """Write each source's shards minus the duplicates into ``<source>.bin/.idx``, merge
+    the tasks' statistics, write the reports and, last, the manifest; then drop the work directory."""
+    from hcx.data.pipeline import write_source
 
     cfg = recipe.data.prepare
     out = prepared_dir(recipe)
@@ -268,13 +267,13 @@ def finish(recipe: Recipe, work: Path, tasks: list, benchmarks: list[str], key: 
         if source.path is None:
             continue
         ranks = [r for r, t in enumerate(tasks) if t.source == index]
-        stats = ShardStats()
-        for rank in ranks:
-            stats.merge(shard_stats(work, rank))
+        stats = write_source(work, ranks, token_dtype(tokenizer.vocab_size), out / source.name,
+                             benchmarks, check_stop)
         if stats.documents == 0:
+            for ext in (".bin", ".idx"):
+                Path(f"{out / source.name}{ext}").unlink(missing_ok=True)
             raise PrepareError(f"data source {source.name!r}: no documents left after "
                                f"{stats.records} records (removed: {dict(stats.removed)})")
-        merge_source(work, ranks, token_dtype(tokenizer.vocab_size), out / source.name, check_stop)
         row = source_report(source, stats)
         log(f"  {source.name}: {stats.documents:,} documents, {stats.tokens:,} tokens "
             f"({stats.bytes_in / 1e6:.1f} MB in {len(ranks)} task(s))"
@@ -332,6 +331,8 @@ def run(recipe: Recipe, progress: bool = True, log=print) -> dict:
     jobs are submitted and ``{"submitted": ...}`` is returned; the last job writes them."""
     from datatrove.utils.logging import logger
 
+    from hcx.data.executors import start_local_workers
+
     sources = raw_sources(recipe)
     if not sources:
         raise PrepareError("the recipe has no raw sources (data.sources[*].path) to prepare")
@@ -339,6 +340,7 @@ def run(recipe: Recipe, progress: bool = True, log=print) -> dict:
     for name in {n for n in names if names.count(n) > 1}:
         raise PrepareError(f"data.sources: the name {name!r} is used twice")
     cfg = recipe.data.prepare
+    start_local_workers(recipe)  # in the background, while the driver gets ready
     tokenizer = load_tokenizer(recipe.data.tokenizer)
     if cfg.fim.rate > 0 and any(s.uses_fim for s in sources):  # fail now, not mid-run
         fim_token_ids(tokenizer)

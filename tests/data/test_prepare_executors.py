@@ -118,8 +118,8 @@ def test_slurm_job_scripts_write_what_the_local_executor_writes(tmp_path, local_
     assert proc.returncode == 0, proc.stderr + (jobs_output.read_text() if jobs_output.exists() else "")
     assert "submitted" in proc.stdout, proc.stdout
     submitted = log.read_text().splitlines()
-    # process, duplicates, clusters, write, finish; each followed by datatrove's stats merge
-    assert len(submitted) == 10 and all("--dependency=afterok:" in s for s in submitted[2:9:2])
+    # process, duplicates, clusters, finish; each followed by datatrove's stats merge
+    assert len(submitted) == 8 and all("--dependency=afterok:" in s for s in submitted[2:7:2])
     assert outputs(tmp_path) == local_run[0]
     assert without_timings(stats(tmp_path)) == without_timings(local_run[1])
     from hcx.config import load_recipe
@@ -132,21 +132,68 @@ def test_slurm_script_has_the_cluster_settings(tmp_path):
     """The generated sbatch script: partition, time, CPUs, memory, the job's environment."""
     from hcx.config import load_recipe
     from hcx.data.executors import make_executor
-    from hcx.data.pipeline import WriteShard
+    from hcx.data.pipeline import ProcessShard
 
     recipe = load_recipe(make_recipe(tmp_path, SOURCES), [
         "data.prepare.executor.kind=slurm", "data.prepare.executor.partition=cpu",
         "data.prepare.executor.time=02:00:00", "data.prepare.executor.cpus_per_task=2",
         "data.prepare.executor.account=lab", 'data.prepare.executor.sbatch_options=["--qos=high"]'])
-    ex = make_executor(recipe, "write", [WriteShard(recipe, str(tmp_path / "w"), [])], 7,
+    ex = make_executor(recipe, "process", [ProcessShard(recipe, str(tmp_path / "w"), [])], 7,
                        tmp_path / "logs")
     script = ex.get_launch_file_contents(ex.get_sbatch_args(7), "srun launch_pickled_pipeline x")
     for line in ("#SBATCH --partition=cpu", "#SBATCH --time=02:00:00", "#SBATCH --cpus-per-task=2",
                  "#SBATCH --mem-per-cpu=2.0G", "#SBATCH --account=lab", "#SBATCH --qos=high",
-                 "#SBATCH --array=0-6", "#SBATCH --job-name=hcx-prepare-write",
+                 "#SBATCH --array=0-6", "#SBATCH --job-name=hcx-prepare-process",
+                 f"#SBATCH --output={tmp_path}/logs/slurm_logs/%x-%A_%a.out",
+                 f"#SBATCH --error={tmp_path}/logs/slurm_logs/%x-%A_%a.err",
+                 "#SBATCH --open-mode=append", "#SBATCH --signal=USR1@120", "#SBATCH --requeue",
                  f"cd {os.getcwd()}", f"export PATH={Path(sys.executable).parent}:$PATH"):
         assert line in script.splitlines() or line in script, line
     assert "None" not in script
+
+
+REQUEUED_TASK = r"""
+import os, signal, sys
+from pathlib import Path
+from datatrove.pipeline.base import PipelineStep
+from hcx.config import load_recipe
+from hcx.data.executors import make_executor
+
+class TimeLimit(PipelineStep):
+    # What SLURM does `grace` seconds before the time limit: USR1 to the job step.
+    name = "time limit"
+    def run(self, data=None, rank=0, world_size=1):
+        Path(sys.argv[2], "started").touch()
+        if not Path(sys.argv[2], "requeued").exists():
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+ex = make_executor(load_recipe(sys.argv[1], ["data.prepare.executor.kind=slurm"]), "process",
+                   [TimeLimit()], 1, Path(sys.argv[2]) / "logs")
+ex.logging_dir.open("ranks_to_run.json", "w").write("[0]")
+ex.run()  # as in the job: SLURM_ARRAY_TASK_ID is set, so the task runs here
+"""
+
+
+def test_slurm_task_requeues_its_job_on_usr1_before_the_time_limit(tmp_path):
+    """USR1 (sent `grace` seconds before the limit) makes the task ask SLURM to requeue
+    its job and exit without a completion marker; the requeued job then completes it."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "scontrol").write_text(FAKE_SCONTROL + 'if [ "$1" = requeue ]; then echo "$@" >> '
+                                   '"$FAKE_SLURM_LOG"; touch "$(dirname "$FAKE_SLURM_LOG")/requeued"; fi\n')
+    (bin_ / "scontrol").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
+           "SLURM_ARRAY_TASK_ID": "0", "SLURM_NODELIST": "localhost",
+           "FAKE_SLURM_LOG": str(tmp_path / "scontrol.log")}
+    args = [sys.executable, "-c", REQUEUED_TASK, str(make_recipe(tmp_path, SOURCES)), str(tmp_path)]
+    first = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 15, first.stderr
+    assert (tmp_path / "started").exists()
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+    assert not (tmp_path / "logs" / "completions" / "00000").exists()
+    second = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0, second.stderr
+    assert (tmp_path / "logs" / "completions" / "00000").exists()
 
 
 DEDUP_ONLY = r"""
