@@ -19,6 +19,10 @@ The package layout: :mod:`hcx.engine` (model, parallelism, loop, checkpoints, ge
 
 from importlib import metadata as _metadata
 
+from hcx.engine import lazy_fusions as _lazy_fusions
+
+_lazy_fusions.install()  # megatron's unused fused kernels: no torch.compile at import
+
 try:
     __version__ = _metadata.version("hcx")
 except _metadata.PackageNotFoundError:  # a source tree that was never installed
