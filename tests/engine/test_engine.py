@@ -156,14 +156,14 @@ def kill_process_tree(pid: int) -> None:
 
 
 @pytest.mark.parametrize("layout", ["single", "pp2"])
-def test_sigkill_then_resume_is_bit_exact(reference, tmp_path, layout):
+def test_sigkill_then_resume_is_bit_exact(reference, layout_run, tmp_path, layout):
     extra = [] if layout == "single" else LAYOUTS[layout]
+    run = tmp_path / "killed"
     if layout == "single":
         expected = reference["losses"]
-    else:  # bit-exactness is against an uninterrupted run of the same layout
-        hcx("pretrain", str(reference["recipe"]), f"output_dir={tmp_path / 'full'}", *extra)
-        expected = losses(tmp_path / "full")
-    run = tmp_path / "killed"
+    else:  # bit-exactness is against an uninterrupted run of the same layout from step 1
+        expected = layout_run(layout)["losses"]
+        start_from(reference, 1, run)
     args = [str(reference["recipe"]), f"output_dir={run}", "checkpoint.save_every=2", *extra]
     run_and_kill_after(args, run, kill_after_step=3)
     assert max(losses(run)) < 6, "killed too late to test anything"
