@@ -191,8 +191,8 @@ def test_dpo_matches_across_tp_pp_and_reference_modes(tmp_path, sft_checkpoint, 
     for key in ("rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected",
                 "logratio"):
         assert key in first
-    layouts = {"tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"],
-               "live": ["align.reference_logps=live"]}
+    # the live reference (a second model forward each step) runs under the pipeline schedule
+    layouts = {"tp2": ["parallel.tp=2"], "pp2-live": ["parallel.pp=2", "align.reference_logps=live"]}
     for name, overrides in layouts.items():
         out = tmp_path / name
         hcx("align", str(recipe), *overrides, f"output_dir={out}")
