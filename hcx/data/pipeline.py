@@ -118,6 +118,16 @@ def plan_tasks(recipe: Recipe) -> list[Task]:
     return tasks
 
 
+def task_bytes(task: Task) -> int:
+    """The input bytes of a task (a Hub source's single task counts as the largest)."""
+    size = 0
+    for file, fmt, start, end, _ in task.pieces:
+        if fmt == "hub":
+            return 1 << 62
+        size += (end - start) if fmt == "jsonl" and end else os.path.getsize(file) - start
+    return size
+
+
 def save_plan(tasks: list[Task], path: Path) -> None:
     _write_json(path, [asdict(t) for t in tasks])
 

@@ -211,15 +211,17 @@ def build_stages(recipe: Recipe, work: Path, benchmarks: list[str], index_path: 
     stages = Stages(work, tasks, benchmarks)
     args = (recipe, str(work), benchmarks, index_path)
     find = pl.FindDuplicates(*args)
-    wanted = [("process", [pl.ProcessShard(*args)], len(tasks))]
+    largest_first = sorted(range(len(tasks)), key=lambda rank: -pl.task_bytes(tasks[rank]))
+    wanted = [("process", [pl.ProcessShard(*args)], len(tasks), largest_first)]
     if find.tasks():
-        wanted += [("duplicates", [find], find.tasks()),
-                   ("clusters", [pl.ClusterDuplicates(*args)], 1)]
+        wanted += [("duplicates", [find], find.tasks(), None),
+                   ("clusters", [pl.ClusterDuplicates(*args)], 1, None)]
     if recipe.data.prepare.executor.kind == "slurm":
-        wanted.append(("finish", [FinishStep(*args, key=key)], 1))
+        wanted.append(("finish", [FinishStep(*args, key=key)], 1, None))
     previous = None
-    for name, steps, count in wanted:
-        previous = make_executor(recipe, name, steps, count, work / "logs" / name, depends=previous)
+    for name, steps, count, order in wanted:
+        previous = make_executor(recipe, name, steps, count, work / "logs" / name,
+                                 depends=previous, order=order)
         stages.executors.append((name, previous))
     return stages
 

@@ -152,6 +152,41 @@ def test_slurm_script_has_the_cluster_settings(tmp_path):
     assert "None" not in script
 
 
+def test_local_tasks_start_largest_first(tmp_path):
+    """The process stage starts its tasks in decreasing input size, so that the last
+    to finish are small ones; finished tasks are still left out, and the order given
+    to the executor changes nothing else (the same ranks, the same files)."""
+    from hcx.config import load_recipe
+    from hcx.data.executors import make_executor
+    from hcx.data.pipeline import plan_tasks, task_bytes
+
+    recipe = load_recipe(make_recipe(tmp_path, SOURCES, **SETTINGS))
+    tasks = plan_tasks(recipe)
+    sizes = [task_bytes(t) for t in tasks]
+    assert sum(sizes) == sum(os.path.getsize(p[0]) for t in tasks for p in t.pieces
+                             if p[2] == 0)  # every byte of every file, once
+    order = sorted(range(len(tasks)), key=lambda r: -sizes[r])
+    ex = make_executor(recipe, "process", [], len(tasks), tmp_path / "logs", order=order)
+    assert ex.get_incomplete_ranks() == order
+    assert [sizes[r] for r in ex.get_incomplete_ranks()] == sorted(sizes, reverse=True)
+    (tmp_path / "logs" / "completions").mkdir(parents=True)
+    (tmp_path / "logs" / "completions" / f"{order[0]:05d}").touch()
+    assert ex.get_incomplete_ranks() == order[1:]
+    assert make_executor(recipe, "process", [], len(tasks),
+                         tmp_path / "logs2").get_incomplete_ranks() == list(range(len(tasks)))
+
+
+def test_task_log_sinks_keep_loguru_library_dirs():
+    """The per-process answer hcx caches for loguru is the one loguru computes."""
+    from loguru._better_exceptions import ExceptionFormatter
+
+    import hcx.data.executors  # noqa: F401 - installs the cache
+
+    cached = ExceptionFormatter._get_lib_dirs
+    assert hasattr(cached, "cache_info")
+    assert cached() == cached.__wrapped__() and cached() == cached()
+
+
 REQUEUED_TASK = r"""
 import os, signal, sys
 from pathlib import Path
