@@ -1,7 +1,8 @@
 """Data pipeline throughput: raw SentencePiece, Hugging Face tokenizers and
 ``hcx data prepare``, in one run on the same corpus.
 
-    .venv/bin/python bench/data_throughput.py [--mb N] [--repeat N] [--one-source] [--json out.json]
+    .venv/bin/python bench/data_throughput.py [--mb N] [--repeat N] [--one-source] [--ray]
+        [--command [--baseline CHECKOUT]] [--json out.json]
 
 Corpus: the Korean and English JSONL sources ``ko_legalize_kr_laws``,
 ``ko_nsmc_reviews`` and ``en_sotu_addresses`` under ``data://train/pretrain/``
@@ -30,6 +31,12 @@ SentencePiece ``tokenizer.model`` and its identical Hugging Face ``tokenizer.jso
   concatenating the shards into one dataset per source. One small untimed run first pays
   the parent's one-off imports. ``--one-source`` adds rows that prepare the same files as
   a single source (``language: any``: no language filter, language detected per document).
+
+``--command`` times what a user runs, ``python -m hcx data prepare RECIPE`` in a fresh
+process per run (interpreter start, imports, worker start-up, the whole run), 1 and 2
+workers, both configurations; ``--baseline CHECKOUT`` times another hcx checkout's
+command on the same recipes, alternating with this one run by run (for example a
+``git worktree add ../hcx-prev <commit>`` of the pipeline before).
 
 MB/s everywhere is MB (10^6 bytes) of the UTF-8 text of the documents' ``text``
 field divided by wall-clock seconds, so all rows share one numerator. The JSON also
@@ -209,7 +216,12 @@ CONFIGS = {
 
 
 def prepare_recipe(sources: list[Source], workers: int, config: str, out: Path,
-                   one_source: bool = False, executor: str = "local"):
+                   one_source: bool = False, executor: str = "local", root: Path = ROOT,
+                   load: bool = True):
+    """The benchmark recipe in ``out/recipe.yaml`` (loaded unless ``load`` is false);
+    ``root``: the hcx checkout whose ``recipes/tiny.yaml`` it inherits. The local
+    executor is the default and is not written, so that the recipe also means the same
+    to a checkout from before the executors (``--baseline``)."""
     import yaml
 
     from hcx.config import load_recipe
@@ -220,9 +232,10 @@ def prepare_recipe(sources: list[Source], workers: int, config: str, out: Path,
         entries = [{"name": s.name, "language": s.language, "path": str(s.path)} for s in sources]
 
     prepare = {"workers": workers, "decontaminate": None, "output_dir": str(out / "prepared"),
-               "executor": {"kind": executor}, **CONFIGS[config]}
+               **({"executor": {"kind": executor}} if executor != "local" else {}),
+               **CONFIGS[config]}
     data = {
-        "base": str(BASE_RECIPE),
+        "base": str(root / BASE_RECIPE.relative_to(ROOT)),
         "output_dir": str(out),
         "data": {
             "tokenizer": {"kind": "sentencepiece", "path": str(TOKENIZER_DIR / "tokenizer.model")},
@@ -232,7 +245,44 @@ def prepare_recipe(sources: list[Source], workers: int, config: str, out: Path,
     }
     path = out / "recipe.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return load_recipe(path)
+    return load_recipe(path) if load else path
+
+
+def bench_command(sources: list[Source], tmp: Path, repeat: int,
+                  baseline: Path | None) -> list[dict]:
+    """``python -m hcx data prepare RECIPE`` as a user runs it, in a fresh process each
+    time: interpreter start, imports, worker start-up and the whole run. With
+    ``baseline`` (another hcx checkout) its command runs on the same corpus and settings,
+    alternating with this checkout's run by run, so both see the same machine."""
+    checkouts = [("this checkout", ROOT)] + ([("baseline", baseline)] if baseline else [])
+    rows = []
+    for config in CONFIGS:
+        for workers in (1, 2):
+            times: dict[str, list[float]] = {name: [] for name, _ in checkouts}
+            for i in range(repeat):
+                for name, root in checkouts:
+                    out = tmp / f"command-{name.replace(' ', '-')}-{config}-{workers}w-{i}"
+                    out.mkdir(parents=True)
+                    recipe = prepare_recipe(sources, workers, config, out, root=root, load=False)
+                    env = {**os.environ, "PYTHONPATH": str(root)}
+                    t0 = time.perf_counter()
+                    done = subprocess.run([sys.executable, "-m", "hcx", "data", "prepare",
+                                           str(recipe)], cwd=root, env=env,
+                                          capture_output=True, text=True)
+                    times[name].append(time.perf_counter() - t0)
+                    if done.returncode:
+                        raise SystemExit(f"{name} ({root}): hcx data prepare failed:\n"
+                                         + done.stderr[-2000:])
+            for name, root in checkouts:
+                label = "" if name == "this checkout" else f" (baseline: {root})"
+                rows.append({
+                    "method": f"`hcx data prepare` command, {config}{label}",
+                    "kind": "command" if name == "this checkout" else "command-baseline",
+                    "config": config, "layout": "sources", "executor": "local",
+                    "parallel": workers, "seconds": statistics.median(times[name]),
+                    "all_seconds": times[name], "tokens": None, "checkout": str(root),
+                })
+    return rows
 
 
 def bench_prepare(sources: list[Source], tmp: Path, repeat: int, one_source: bool,
@@ -338,6 +388,12 @@ def main() -> int:
     ap.add_argument("--skip-prepare", action="store_true")
     ap.add_argument("--ray", action="store_true",
                     help="also prepare with the Ray executor, 2 workers on a local Ray cluster")
+    ap.add_argument("--command", action="store_true",
+                    help="also time the whole `python -m hcx data prepare` command in a fresh "
+                         "process (start-up and imports included), 1 and 2 workers")
+    ap.add_argument("--baseline", type=Path, metavar="CHECKOUT",
+                    help="with --command: time this other hcx checkout's command too, "
+                         "alternating run by run (e.g. a `git worktree` of an older commit)")
     ap.add_argument("--one-source", action="store_true",
                     help="also prepare the corpus as one source (one worker pool)")
     ap.add_argument("--json", help="write the results here")
@@ -361,15 +417,18 @@ def main() -> int:
         rows += bench_hf(sources, args.repeat)
         if not args.skip_prepare:
             rows += bench_prepare(sources, tmp, args.repeat, args.one_source, args.ray)
+        if args.command:
+            rows += bench_command(sources, tmp, args.repeat, args.baseline)
 
     sp_row = rows[0]
     sp = text_mb / sp_row["seconds"]
     for row in rows:
         row["mb_per_second"] = text_mb / row["seconds"]
         row["vs_sp"] = row["mb_per_second"] / sp
-        if row["kind"].startswith("prepare"):
+        if row["kind"].startswith(("prepare", "command")):
             row["per_worker_vs_sp"] = row["vs_sp"] / row["parallel"]
-    same_ids = len({r["tokens"] for r in rows if not r["kind"].startswith("prepare")}) == 1
+    same_ids = len({r["tokens"] for r in rows
+                    if not r["kind"].startswith(("prepare", "command"))}) == 1
     result = {
         "date": date.today().isoformat(), "cpu": cpu_name(), "cores": cores,
         "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
@@ -413,6 +472,17 @@ def main() -> int:
         print()
         for line in result["targets"]:
             print("target", line)
+    base = {(r["config"], r["parallel"]): r for r in rows if r["kind"] == "command-baseline"}
+    if base:
+        print()
+        result["command_vs_baseline"] = {}
+        for r in rows:
+            if r["kind"] == "command" and (r["config"], r["parallel"]) in base:
+                b = base[r["config"], r["parallel"]]
+                speed = b["seconds"] / r["seconds"]
+                result["command_vs_baseline"][f"{r['config']}, {r['parallel']}w"] = speed
+                print(f"command {r['config']} {r['parallel']}w: {r['seconds']:.2f} s vs baseline "
+                      f"{b['seconds']:.2f} s ({speed:.2f}x the baseline's speed)")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     return 0
