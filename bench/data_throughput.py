@@ -300,13 +300,15 @@ def bench_prepare(sources: list[Source], tmp: Path, repeat: int, one_source: boo
     layouts = ["sources", "one source"] if one_source else ["sources"]
     runs = [(layout, config, w, "local") for layout in layouts for config in CONFIGS for w in (1, 2)]
     if ray:
-        # One local Ray cluster of 2 CPUs for every Ray run, started here, untimed (the
-        # executor uses a connected driver as it is).
-        import ray as ray_module
-
-        ray_module.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         runs += [("sources", config, 2, "ray") for config in CONFIGS]
     for layout, config, workers, executor in runs:
+        if executor == "ray" and not ray_started():
+            # One local Ray cluster of 2 CPUs for every Ray run, started untimed once the
+            # local runs are done (its idle daemons take CPU from them); the executor
+            # uses a connected driver as it is.
+            import ray as ray_module
+
+            ray_module.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         times, reports = [], []
         for i in range(repeat):
             out = tmp / f"prepare-{layout.replace(' ', '-')}-{config}-{workers}w-{executor}-{i}"
@@ -335,7 +337,17 @@ def bench_prepare(sources: list[Source], tmp: Path, repeat: int, one_source: boo
             "documents": sum(s["documents"] for s in report["sources"]),
             "stats_mb_per_second": bytes_in / 1e6 / src_seconds, "sources": per_source,
         })
+    if ray_started():
+        import ray as ray_module
+
+        ray_module.shutdown()  # before anything else is timed
     return rows
+
+
+def ray_started() -> bool:
+    """Whether this process is connected to Ray (without importing it when it isn't)."""
+    module = sys.modules.get("ray")
+    return bool(module and module.is_initialized())
 
 
 # --- report -----------------------------------------------------------------------------------
