@@ -4,9 +4,10 @@ Ray executors, configured from ``data.prepare`` (``workers`` and ``executor``).
 hcx adds only a few things to datatrove's executors: a task's console output goes to its
 log file alone (``<work>/logs/<stage>/logs/task_NNNNN.log``; the user sees hcx's
 messages, and an error once, not a traceback per task), a local worker process exits when
-the run that started it is gone (SIGKILL), the local fork server starts early, a task's log sinks are cheap to add, SLURM
-directives that are not set are left out rather than written empty, and SLURM jobs follow
-``hcx launch``'s conventions (log names, requeue before the time limit).
+the run that started it is gone (SIGKILL), the local fork server starts early, tasks start
+in a given order (largest first), a task's log sinks are cheap to add, SLURM directives
+that are not set are left out rather than written empty, and SLURM jobs follow ``hcx
+launch``'s conventions (log names, requeue before the time limit).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from datatrove.executor.ray import RayPipelineExecutor
 from datatrove.executor.slurm import SlurmPipelineExecutor
 
 from hcx.config import Recipe
+
 
 def cache_loguru_library_dirs() -> None:
     """Make loguru's ``logger.add`` ~20x cheaper (5 -> 0.3 ms).
@@ -154,17 +156,17 @@ def make_executor(recipe: Recipe, stage: str, pipeline: list, tasks: int, loggin
     cfg = recipe.data.prepare
     ex = cfg.executor
     workers = max(1, min(cfg.workers, tasks))
-    if ex.kind == "local":
-        reap_children_on_exit()
-        start_local_workers(recipe)
-        executor = LocalExecutor(pipeline, tasks=tasks, workers=workers,
-                                 logging_dir=str(logging_dir))
-        executor.order = order
-        return executor
-    if ex.kind == "ray":
-        executor = RayExecutor(pipeline, tasks=tasks, workers=workers,
-                               logging_dir=str(logging_dir), cpus_per_task=ex.cpus_per_task,
-                               mem_per_cpu_gb=ex.mem_per_cpu_gb, tasks_per_job=ex.tasks_per_job)
+    if ex.kind in ("local", "ray"):
+        if ex.kind == "local":
+            reap_children_on_exit()
+            start_local_workers(recipe)
+            executor = LocalExecutor(pipeline, tasks=tasks, workers=workers,
+                                     logging_dir=str(logging_dir))
+        else:
+            executor = RayExecutor(pipeline, tasks=tasks, workers=workers,
+                                   logging_dir=str(logging_dir), cpus_per_task=ex.cpus_per_task,
+                                   mem_per_cpu_gb=ex.mem_per_cpu_gb,
+                                   tasks_per_job=ex.tasks_per_job)
         executor.order = order
         return executor
     # hcx launch's conventions: <job name>-<job id> log files, appended to across requeues,

@@ -109,7 +109,7 @@ def plan_tasks(recipe: Recipe) -> list[Task]:
                 pieces = [(str(f), fmt, 0, 0, 1)]
             for piece in pieces:
                 current.append(piece)
-                size += (piece[3] - piece[2]) if fmt == "jsonl" else f.stat().st_size
+                size += piece_size(piece)
                 if size >= piece_bytes:
                     tasks.append(Task(index, current))
                     current, size = [], 0
@@ -118,14 +118,17 @@ def plan_tasks(recipe: Recipe) -> list[Task]:
     return tasks
 
 
+def piece_size(piece: tuple[str, str, int, int, int]) -> int:
+    """The input bytes of one piece: its byte range of a JSONL file, else the whole file."""
+    file, fmt, start, end, _ = piece
+    return end - start if fmt == "jsonl" else os.path.getsize(file)
+
+
 def task_bytes(task: Task) -> int:
     """The input bytes of a task (a Hub source's single task counts as the largest)."""
-    size = 0
-    for file, fmt, start, end, _ in task.pieces:
-        if fmt == "hub":
-            return 1 << 62
-        size += (end - start) if fmt == "jsonl" and end else os.path.getsize(file) - start
-    return size
+    if any(fmt == "hub" for _, fmt, *_ in task.pieces):
+        return 1 << 62
+    return sum(map(piece_size, task.pieces))
 
 
 def save_plan(tasks: list[Task], path: Path) -> None:
