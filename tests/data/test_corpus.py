@@ -102,6 +102,16 @@ def test_script_counts_hand_counted():
     assert script_counts("12 + 3 = 15 ✓ 😀") == {"hangul": 0, "latin": 0, "han": 0, "other": 0}
 
 
+def test_script_counts_letters_are_str_isalpha():
+    """The per-code-point table behind script_counts (built vectorised) counts exactly what
+    ``str.isalpha`` calls a letter, over all 1,114,112 code points, surrogates included."""
+    every = "".join(map(chr, range(0x110000)))
+    counts = script_counts(every)
+    assert sum(counts.values()) == sum(map(str.isalpha, every))
+    hangul = "".join(map(chr, range(0xAC00, 0xD7A4)))  # every precomposed syllable
+    assert script_counts(hangul) == {"hangul": 11172, "latin": 0, "han": 0, "other": 0}
+
+
 @pytest.mark.parametrize("text, language", [
     ("안녕하세요 hello", "ko"),        # 5 / 10 Hangul
     ("가나다 abcdefg", "ko"),          # exactly 30% Hangul

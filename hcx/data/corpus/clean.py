@@ -65,9 +65,17 @@ _SCRIPT_RANGES = (
 @functools.cache
 def _script_table() -> np.ndarray:
     """Script id (uint8) of every code point: a 1.1 MB read-only table built once per
-    process (~0.07 s), so counting a document is one gather and one bincount."""
-    is_letter = np.fromiter(map(str.isalpha, map(chr, range(_N_CODEPOINTS))), dtype=bool,
-                            count=_N_CODEPOINTS)
+    process, so counting a document is one gather and one bincount.
+
+    Every ``hcx data prepare`` worker builds it before its first document, so it is
+    built by numpy's vectorised ``str.isalpha`` over all code points at once (0.015 s;
+    the same answers as calling ``str.isalpha`` on each, which takes 0.13 s)."""
+    codepoints = np.arange(_N_CODEPOINTS, dtype="<u4")
+    if hasattr(np, "strings"):  # numpy >= 2.0; U+0000 is the empty string: not alpha
+        is_letter = np.strings.isalpha(codepoints.view("<U1"))
+    else:
+        is_letter = np.fromiter(map(str.isalpha, map(chr, codepoints.tolist())), dtype=bool,
+                                count=_N_CODEPOINTS)
     table = np.where(is_letter, _OTHER, _NOT_LETTER).astype(np.uint8)
     for script, ranges in _SCRIPT_RANGES:
         for lo, hi in ranges:
