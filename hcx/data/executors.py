@@ -5,7 +5,7 @@ hcx adds only a few things to datatrove's executors: a task's console output goe
 log file alone (``<work>/logs/<stage>/logs/task_NNNNN.log``; the user sees hcx's
 messages, and an error once, not a traceback per task), a local worker process exits when
 the run that started it is gone (SIGKILL), the local fork server starts early, tasks start
-in a given order (largest first), a task's log sinks are cheap to add, SLURM directives
+in a given order (the most work first), a task's log sinks are cheap to add, SLURM directives
 that are not set are left out rather than written empty, and SLURM jobs follow ``hcx
 launch``'s conventions (log names, requeue before the time limit).
 """
@@ -96,7 +96,7 @@ def reap_children_on_exit() -> None:
 
 class _QuietTasks:
     """A task's log goes to its file only (datatrove also prints it to stderr), and the
-    tasks start in ``order`` (when given): the largest first, so that the last ones to
+    tasks start in ``order`` (when given): the most work first, so that the last ones to
     finish are small and the workers end together."""
 
     order: list[int] | None = None

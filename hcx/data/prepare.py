@@ -211,8 +211,7 @@ def build_stages(recipe: Recipe, work: Path, benchmarks: list[str], index_path: 
     stages = Stages(work, tasks, benchmarks)
     args = (recipe, str(work), benchmarks, index_path)
     find = pl.FindDuplicates(*args)
-    largest_first = sorted(range(len(tasks)), key=lambda rank: -pl.task_bytes(tasks[rank]))
-    wanted = [("process", [pl.ProcessShard(*args)], len(tasks), largest_first)]
+    wanted = [("process", [pl.ProcessShard(*args)], len(tasks), pl.largest_first(recipe, tasks))]
     if find.tasks():
         wanted += [("duplicates", [find], find.tasks(), None),
                    ("clusters", [pl.ClusterDuplicates(*args)], 1, None)]

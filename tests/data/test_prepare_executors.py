@@ -152,23 +152,39 @@ def test_slurm_script_has_the_cluster_settings(tmp_path):
     assert "None" not in script
 
 
-def test_local_tasks_start_largest_first(tmp_path):
-    """The process stage starts its tasks in decreasing input size, so that the last
-    to finish are small ones; finished tasks are still left out, and the order given
-    to the executor changes nothing else (the same ranks, the same files)."""
+def test_tasks_start_by_estimated_work(tmp_path):
+    """The process stage starts its tasks by decreasing estimated work: input bytes times
+    the text per byte sampled from each file, so 1 MB of English (a character a byte)
+    goes before 1 MB of Korean escaped by JSON (six bytes a syllable). Finished tasks are
+    still left out, and the order changes nothing else (the same ranks, the same files)."""
     from hcx.config import load_recipe
     from hcx.data.executors import make_executor
-    from hcx.data.pipeline import plan_tasks, task_bytes
+    from hcx.data.pipeline import largest_first, plan_tasks, task_costs, text_per_byte
 
-    recipe = load_recipe(make_recipe(tmp_path, SOURCES, **SETTINGS))
+    ko_line = json.dumps({"text": "한국어 문장입니다. " * 20}) + "\n"    # ensure_ascii: \uXXXX
+    en_line = json.dumps({"text": "An English sentence. " * 20}) + "\n"
+    files = {"ko": (tmp_path / "ko.jsonl", ko_line * 1600), "en": (tmp_path / "en.jsonl", en_line * 800)}
+    for path, body in files.values():
+        path.write_text(body)
+    ko_per_byte = len("한국어 문장입니다. " * 20) / len(ko_line)
+    assert text_per_byte(str(files["ko"][0]), "jsonl") == pytest.approx(ko_per_byte, rel=0.01)
+    assert ko_per_byte < 0.25 and text_per_byte(str(files["en"][0]), "jsonl") > 0.9
+
+    recipe = load_recipe(make_recipe(tmp_path, [
+        {"name": "ko", "language": "ko", "path": str(files["ko"][0])},
+        {"name": "en", "language": "en", "path": str(files["en"][0])}], executor={"shard_mb": 0.25}))
     tasks = plan_tasks(recipe)
-    sizes = [task_bytes(t) for t in tasks]
-    assert sum(sizes) == sum(os.path.getsize(p[0]) for t in tasks for p in t.pieces
-                             if p[2] == 0)  # every byte of every file, once
-    order = sorted(range(len(tasks)), key=lambda r: -sizes[r])
+    costs = task_costs(recipe, tasks)
+    order = largest_first(recipe, tasks)
+    assert sorted(order) == list(range(len(tasks)))
+    assert [costs[r] for r in order] == sorted(costs, reverse=True)
+    # the Korean source has more bytes (and tasks) but every English task comes first
+    ko_tasks = [r for r, t in enumerate(tasks) if t.source == 0]
+    assert len(ko_tasks) > len(tasks) - len(ko_tasks)
+    assert {tasks[r].source for r in order[:len(tasks) - len(ko_tasks)]} == {1}
+
     ex = make_executor(recipe, "process", [], len(tasks), tmp_path / "logs", order=order)
     assert ex.get_incomplete_ranks() == order
-    assert [sizes[r] for r in ex.get_incomplete_ranks()] == sorted(sizes, reverse=True)
     (tmp_path / "logs" / "completions").mkdir(parents=True)
     (tmp_path / "logs" / "completions" / f"{order[0]:05d}").touch()
     assert ex.get_incomplete_ranks() == order[1:]
