@@ -2,7 +2,7 @@
 ``hcx data prepare``, in one run on the same corpus.
 
     .venv/bin/python bench/data_throughput.py [--mb N] [--repeat N] [--one-source] [--ray]
-        [--command [--baseline CHECKOUT]] [--json out.json]
+        [--command] [--paired] [--baseline CHECKOUT] [--json out.json]
 
 Corpus: the Korean and English JSONL sources ``ko_legalize_kr_laws``,
 ``ko_nsmc_reviews`` and ``en_sotu_addresses`` under ``data://train/pretrain/``
@@ -37,6 +37,12 @@ process per run (interpreter start, imports, worker start-up, the whole run), 1 
 workers, both configurations; ``--baseline CHECKOUT`` times another hcx checkout's
 command on the same recipes, alternating with this one run by run (for example a
 ``git worktree add ../hcx-prev <commit>`` of the pipeline before).
+
+``--paired --baseline CHECKOUT`` compares ``hcx.data.prepare.run`` in-process with the
+other checkout's: each checkout runs in its own long-lived interpreter, warmed up once
+like the in-process rows, and the two take turns run by run (which one goes first
+alternates), so that a machine whose speed drifts by 10-20% over minutes is the same
+for both halves of a pair; the speed ratio is the median over the pairs.
 
 MB/s everywhere is MB (10^6 bytes) of the UTF-8 text of the documents' ``text``
 field divided by wall-clock seconds, so all rows share one numerator. The JSON also
@@ -285,6 +291,79 @@ def bench_command(sources: list[Source], tmp: Path, repeat: int,
     return rows
 
 
+# Runs in a long-lived interpreter of one checkout (``cwd`` and ``PYTHONPATH`` = the
+# checkout): reads recipe paths on stdin, runs each in-process, prints its seconds.
+PAIRED_SERVER = """
+import json, sys, time
+from hcx.config import load_recipe
+from hcx.data.prepare import run
+for line in sys.stdin:
+    recipe = load_recipe(line.strip())
+    t0 = time.perf_counter()
+    run(recipe, progress=False, log=lambda *a: None)
+    print(json.dumps(time.perf_counter() - t0), flush=True)
+"""
+
+
+def bench_paired(sources: list[Source], tmp: Path, repeat: int, baseline: Path) -> list[dict]:
+    """``hcx.data.prepare.run`` of this checkout and of ``baseline``, each in its own
+    long-lived interpreter (warmed up once, as :func:`bench_prepare`'s parent), the two
+    taking turns run by run, the first of each pair alternating: on a machine whose speed
+    drifts by 10-20% over minutes, only runs seconds apart compare. One run at a time."""
+    checkouts = [("this checkout", ROOT), ("baseline", baseline)]
+    servers = {}
+    for name, root in checkouts:
+        servers[name] = subprocess.Popen(
+            [sys.executable, "-c", PAIRED_SERVER], cwd=root, text=True,
+            env={**os.environ, "PYTHONPATH": str(root)},
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+
+    def timed_run(name: str, recipe: Path) -> float:
+        server = servers[name]
+        server.stdin.write(f"{recipe}\n")
+        server.stdin.flush()
+        line = server.stdout.readline()
+        if not line:
+            raise SystemExit(f"{name}: the paired prepare run failed (rerun it alone to see why)")
+        return json.loads(line)
+
+    rows = []
+    try:
+        warm = tmp / "paired-warmup"
+        small = corpus(0.3, warm)
+        for name, root in checkouts:
+            out = warm / name.replace(" ", "-")
+            out.mkdir(parents=True)
+            timed_run(name, prepare_recipe(small, 1, "full", out, root=root, load=False))
+        for config in CONFIGS:
+            for workers in (1, 2):
+                times: dict[str, list[float]] = {name: [] for name, _ in checkouts}
+                for i in range(repeat):
+                    for name, root in checkouts[::1 if i % 2 == 0 else -1]:
+                        out = tmp / f"paired-{name.replace(' ', '-')}-{config}-{workers}w-{i}"
+                        out.mkdir(parents=True)
+                        recipe = prepare_recipe(sources, workers, config, out, root=root,
+                                                load=False)
+                        times[name].append(timed_run(name, recipe))
+                ratios = [b / t for t, b in zip(times["this checkout"], times["baseline"])]
+                for name, root in checkouts:
+                    label = "" if name == "this checkout" else f" (baseline: {root})"
+                    rows.append({
+                        "method": f"`hcx data prepare`, {config}, paired in-process{label}",
+                        "kind": "paired" if name == "this checkout" else "paired-baseline",
+                        "config": config, "layout": "sources", "executor": "local",
+                        "parallel": workers, "seconds": statistics.median(times[name]),
+                        "all_seconds": times[name], "tokens": None, "checkout": str(root),
+                        **({"speed_vs_baseline": statistics.median(ratios),
+                            "all_speed_vs_baseline": ratios} if name == "this checkout" else {}),
+                    })
+    finally:
+        for server in servers.values():
+            server.stdin.close()
+            server.wait()
+    return rows
+
+
 def bench_prepare(sources: list[Source], tmp: Path, repeat: int, one_source: bool,
                   ray: bool = False) -> list[dict]:
     from hcx.data.prepare import run
@@ -404,14 +483,19 @@ def main() -> int:
                     help="also time the whole `python -m hcx data prepare` command in a fresh "
                          "process (start-up and imports included), 1 and 2 workers")
     ap.add_argument("--baseline", type=Path, metavar="CHECKOUT",
-                    help="with --command: time this other hcx checkout's command too, "
+                    help="with --command or --paired: time this other hcx checkout too, "
                          "alternating run by run (e.g. a `git worktree` of an older commit)")
+    ap.add_argument("--paired", action="store_true",
+                    help="with --baseline: time prepare in-process in two long-lived "
+                         "interpreters (this checkout, the baseline) taking turns run by run")
     ap.add_argument("--one-source", action="store_true",
                     help="also prepare the corpus as one source (one worker pool)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--hf-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("paths", nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.paired and not args.baseline:
+        ap.error("--paired needs --baseline CHECKOUT")
     if args.hf_child:
         hf_child(args.paths, args.repeat)
         return 0
@@ -431,16 +515,18 @@ def main() -> int:
             rows += bench_prepare(sources, tmp, args.repeat, args.one_source, args.ray)
         if args.command:
             rows += bench_command(sources, tmp, args.repeat, args.baseline)
+        if args.paired:
+            rows += bench_paired(sources, tmp, args.repeat, args.baseline)
 
     sp_row = rows[0]
     sp = text_mb / sp_row["seconds"]
     for row in rows:
         row["mb_per_second"] = text_mb / row["seconds"]
         row["vs_sp"] = row["mb_per_second"] / sp
-        if row["kind"].startswith(("prepare", "command")):
+        if row["kind"].startswith(("prepare", "command", "paired")):
             row["per_worker_vs_sp"] = row["vs_sp"] / row["parallel"]
     same_ids = len({r["tokens"] for r in rows
-                    if not r["kind"].startswith(("prepare", "command"))}) == 1
+                    if not r["kind"].startswith(("prepare", "command", "paired"))}) == 1
     result = {
         "date": date.today().isoformat(), "cpu": cpu_name(), "cores": cores,
         "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
@@ -495,6 +581,19 @@ def main() -> int:
                 result["command_vs_baseline"][f"{r['config']}, {r['parallel']}w"] = speed
                 print(f"command {r['config']} {r['parallel']}w: {r['seconds']:.2f} s vs baseline "
                       f"{b['seconds']:.2f} s ({speed:.2f}x the baseline's speed)")
+    paired = [r for r in rows if r["kind"] == "paired"]
+    if paired:
+        print()
+        result["paired_vs_baseline"] = {}
+        for r in paired:
+            key = f"{r['config']}, {r['parallel']}w"
+            result["paired_vs_baseline"][key] = r["speed_vs_baseline"]
+            print(f"paired {key}: {r['seconds']:.2f} s vs baseline "
+                  + next(f"{b['seconds']:.2f} s" for b in rows if b["kind"] == "paired-baseline"
+                         and (b["config"], b["parallel"]) == (r["config"], r["parallel"]))
+                  + f"; speed vs baseline, median of {len(r['all_speed_vs_baseline'])} pairs "
+                  f"{r['speed_vs_baseline']:.2f}x (pairs: "
+                  + ", ".join(f"{x:.2f}" for x in r["all_speed_vs_baseline"]) + ")")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     return 0
