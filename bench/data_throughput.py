@@ -279,15 +279,25 @@ def bench_command(sources: list[Source], tmp: Path, repeat: int,
                     if done.returncode:
                         raise SystemExit(f"{name} ({root}): hcx data prepare failed:\n"
                                          + done.stderr[-2000:])
-            for name, root in checkouts:
-                label = "" if name == "this checkout" else f" (baseline: {root})"
-                rows.append({
-                    "method": f"`hcx data prepare` command, {config}{label}",
-                    "kind": "command" if name == "this checkout" else "command-baseline",
-                    "config": config, "layout": "sources", "executor": "local",
-                    "parallel": workers, "seconds": statistics.median(times[name]),
-                    "all_seconds": times[name], "tokens": None, "checkout": str(root),
-                })
+            rows += checkout_rows("command", f"`hcx data prepare` command, {config}", config,
+                                  workers, checkouts, times)
+    return rows
+
+
+def checkout_rows(kind: str, method: str, config: str, workers: int,
+                  checkouts: list[tuple[str, Path]], times: dict[str, list[float]]) -> list[dict]:
+    """One row per checkout (``kind`` for this one, ``kind-baseline`` for the other) of
+    runs timed side by side: the median seconds and every run."""
+    rows = []
+    for name, root in checkouts:
+        this = name == "this checkout"
+        rows.append({
+            "method": method + ("" if this else f" (baseline: {root})"),
+            "kind": kind if this else f"{kind}-baseline",
+            "config": config, "layout": "sources", "executor": "local",
+            "parallel": workers, "seconds": statistics.median(times[name]),
+            "all_seconds": times[name], "tokens": None, "checkout": str(root),
+        })
     return rows
 
 
@@ -346,17 +356,11 @@ def bench_paired(sources: list[Source], tmp: Path, repeat: int, baseline: Path) 
                                                 load=False)
                         times[name].append(timed_run(name, recipe))
                 ratios = [b / t for t, b in zip(times["this checkout"], times["baseline"])]
-                for name, root in checkouts:
-                    label = "" if name == "this checkout" else f" (baseline: {root})"
-                    rows.append({
-                        "method": f"`hcx data prepare`, {config}, paired in-process{label}",
-                        "kind": "paired" if name == "this checkout" else "paired-baseline",
-                        "config": config, "layout": "sources", "executor": "local",
-                        "parallel": workers, "seconds": statistics.median(times[name]),
-                        "all_seconds": times[name], "tokens": None, "checkout": str(root),
-                        **({"speed_vs_baseline": statistics.median(ratios),
-                            "all_speed_vs_baseline": ratios} if name == "this checkout" else {}),
-                    })
+                pair = checkout_rows("paired", f"`hcx data prepare`, {config}, paired in-process",
+                                     config, workers, checkouts, times)
+                pair[0].update(speed_vs_baseline=statistics.median(ratios),
+                               all_speed_vs_baseline=ratios)
+                rows += pair
     finally:
         for server in servers.values():
             server.stdin.close()
