@@ -203,6 +203,52 @@ def test_task_log_sinks_keep_loguru_library_dirs():
     assert cached() == cached.__wrapped__() and cached() == cached()
 
 
+COUNTING_TASKS = r"""
+import sys
+from pathlib import Path
+import multiprocess
+from datatrove.pipeline.base import PipelineStep
+from hcx.config import load_recipe
+from hcx.data.executors import make_executor
+
+class Count(PipelineStep):
+    name = "count"
+    def run(self, data=None, rank=0, world_size=1):
+        self.stat_update("documents", value=rank + 1)
+
+def no_manager(*args, **kwargs):
+    raise AssertionError("the local executor started a multiprocessing manager")
+
+if __name__ == "__main__":
+    multiprocess.Manager = no_manager
+    recipe = load_recipe(sys.argv[1], [f"data.prepare.workers={sys.argv[3]}"])
+    make_executor(recipe, "process", [Count()], 6, Path(sys.argv[2])).run()
+"""
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_local_tasks_run_without_a_manager_and_count_their_own_stats(tmp_path, workers):
+    """hcx's local executor sends the executor to each pool worker once instead of with
+    every task (and with no multiprocessing manager, whose proxies cost six handshakes a
+    task). Each task still gets a fresh pipeline: its statistics are its own, and the
+    stage's are their sum."""
+    script = tmp_path / "count.py"
+    script.write_text(COUNTING_TASKS)
+    recipe = make_recipe(tmp_path, [{"name": "a", "language": "en", "path": str(tmp_path / "a.jsonl")}])
+    logs = tmp_path / "logs"
+    subprocess.run([sys.executable, str(script), str(recipe), str(logs), str(workers)], check=True,
+                   cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+
+    def documents(path: Path) -> int:
+        from datatrove.utils.stats import MetricStats
+
+        return MetricStats.from_dict(json.loads(path.read_text())[0]["stats"]["documents"]).total
+
+    assert sorted(p.name for p in (logs / "completions").iterdir()) == [f"{r:05d}" for r in range(6)]
+    assert [documents(logs / "stats" / f"{r:05d}.json") for r in range(6)] == [1, 2, 3, 4, 5, 6]
+    assert documents(logs / "stats.json") == 21
+
+
 REQUEUED_TASK = r"""
 import os, signal, sys
 from pathlib import Path
