@@ -2,8 +2,8 @@
 against hand-computed values.
 
 Measured on one core (Python 3.11, numpy 2.4), ko_legalize_kr_precedents (12 MB of
-Korean court decisions): normalize 420-550 MB/s, filter_reason("ko") 37-47 MB/s (the
-word 2-gram Counter dominates), mask_pii ~160 MB/s, the three chained ~34 MB/s;
+Korean court decisions): normalize 420-550 MB/s, filter_reason("ko") 37-47 MB/s (58-61 on
+2026-12-05's machine; 105-123 there with the hashed 2-gram count), mask_pii ~160 MB/s;
 MinHasher.signature (128 bins, 5-grams) ~40 M tokens/s (one-permutation hashing; 4.5-6 M with
 128 permutations); NgramIndex.labels_hit
 against a 20M n-gram index ~8 M tokens/s.
@@ -22,8 +22,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hcx.data.corpus import clean
 from hcx.data.corpus.clean import (FilterConfig, detect_language, duplicate_line_fraction, filter_reason,
-                              normalize, script_counts, top_bigram_fraction)
+                              normalize, script_counts, top_bigram_fraction,
+                              top_bigram_fraction_counted, top_bigram_fraction_hashed)
 from hcx.data.corpus.decontam import NgramIndex
 from hcx.data.corpus.fim import FimIds, fim_layout, fim_split
 from hcx.data.corpus.minhash import LSHIndex, MinHasher, jaccard_estimate, ngram_hashes
@@ -167,6 +169,55 @@ def test_top_bigram_fraction_hand_computed():
     assert top_bigram_fraction("word") == 0.0
     spam = "spam " * 200
     assert top_bigram_fraction(spam) == 199 * len("spam spam") / 1000
+
+
+# Every kind of character str.split() splits on, and words in three scripts.
+SPACES = [" ", "  ", "\t", "\n", "\u3000", "\xa0", "\x1c", "\u2028", "\x85", " \n "]
+WORDS = ["a", "b", "ab", "ba", "spam", "한국", "국한", "법률", "제1조", "漢字", "é", "x" * 40]
+
+
+def random_text(rng: np.random.Generator, words: int) -> str:
+    picked = rng.choice(len(WORDS), size=words, p=None)
+    gaps = rng.choice(len(SPACES), size=words + 1)
+    parts = [SPACES[gaps[0]] if rng.random() < 0.3 else ""]
+    for w, g in zip(picked.tolist(), gaps[1:].tolist()):
+        parts += [WORDS[w], SPACES[g]]
+    return "".join(parts) if rng.random() < 0.5 else "".join(parts).rstrip(" ")
+
+
+def test_top_bigram_fraction_hashed_equals_counted():
+    """The hashed count gives exactly Counter's answer: Unicode whitespace of every kind
+    as str.split() reads it, leading/trailing spaces, ties (the first 2-gram seen wins),
+    overlapping repeats, and texts on either side of the switch-over length."""
+    rng = np.random.default_rng(0)
+    texts = [random_text(rng, n) for n in rng.integers(2, 3000, size=150)]
+    texts += ["spam " * 1000, "a b " * 600 + "c d " * 600, "c d " * 600 + "a b " * 600,
+              "x" * 5000, " " * 5000, "ab ab ba ba " * 300]
+    assert any(len(t) >= clean.HASHED_MIN_CHARS for t in texts)
+    for text in texts:
+        expected = top_bigram_fraction_counted(text)
+        assert top_bigram_fraction_hashed(text) == expected, text[:80]
+        assert top_bigram_fraction(text) == expected
+    # a tie: (a, bb) and (c, d) both occur 600 times; the first seen wins, not the shorter
+    assert top_bigram_fraction_hashed("a bb " * 600 + "c d " * 600) == 600 * len("a bb") / 5400
+
+
+def test_top_bigram_fraction_hashed_counts_exactly_when_hashes_collide(monkeypatch):
+    """With base 1 a word's hash is its code point sum plus its length, so anagrams
+    collide: (ab, cd) and (ba, dc) share a 2-gram hash, 2 + 3 = 5 occurrences that
+    outnumber the true winner (ba, dc) x 3. The check of the winner's words sees it and
+    the text is counted with Counter."""
+    monkeypatch.setattr(clean, "WORD_HASH_BASE", 1)
+    text = ("ab cd ab cd " + "ba dc " * 3) * 1 + " ".join(f"w{i:04d}x" for i in range(400))
+    assert len(text) >= clean.HASHED_MIN_CHARS
+    assert top_bigram_fraction_hashed(text) is None
+    assert top_bigram_fraction(text) == top_bigram_fraction_counted(text) == 3 * 5 / len(text)
+
+
+def test_space_table_is_str_isspace():
+    every = "".join(map(chr, range(0x110000)))
+    table = clean._space_table()
+    assert np.flatnonzero(table).tolist() == [i for i, c in enumerate(every) if c.isspace()]
 
 
 def test_spam_fails_and_prose_and_code_pass():
