@@ -3,7 +3,8 @@ against hand-computed values.
 
 Measured on one core (Python 3.11, numpy 2.4), ko_legalize_kr_precedents (12 MB of
 Korean court decisions): normalize 420-550 MB/s, filter_reason("ko") 37-47 MB/s (58-61 on
-2026-12-05's machine; 105-123 there with the hashed 2-gram count), mask_pii ~160 MB/s;
+2026-12-05's machine; 105-123 there with the hashed 2-gram count), mask_pii ~160 MB/s,
+the three chained ~34 MB/s (before the hashed count);
 MinHasher.signature (128 bins, 5-grams) ~40 M tokens/s (one-permutation hashing; 4.5-6 M with
 128 permutations); NgramIndex.labels_hit
 against a 20M n-gram index ~8 M tokens/s.
@@ -177,7 +178,7 @@ WORDS = ["a", "b", "ab", "ba", "spam", "한국", "국한", "법률", "제1조", 
 
 
 def random_text(rng: np.random.Generator, words: int) -> str:
-    picked = rng.choice(len(WORDS), size=words, p=None)
+    picked = rng.choice(len(WORDS), size=words)
     gaps = rng.choice(len(SPACES), size=words + 1)
     parts = [SPACES[gaps[0]] if rng.random() < 0.3 else ""]
     for w, g in zip(picked.tolist(), gaps[1:].tolist()):
@@ -208,7 +209,7 @@ def test_top_bigram_fraction_hashed_counts_exactly_when_hashes_collide(monkeypat
     outnumber the true winner (ba, dc) x 3. The check of the winner's words sees it and
     the text is counted with Counter."""
     monkeypatch.setattr(clean, "WORD_HASH_BASE", 1)
-    text = ("ab cd ab cd " + "ba dc " * 3) * 1 + " ".join(f"w{i:04d}x" for i in range(400))
+    text = "ab cd ab cd " + "ba dc " * 3 + " ".join(f"w{i:04d}x" for i in range(400))
     assert len(text) >= clean.HASHED_MIN_CHARS
     assert top_bigram_fraction_hashed(text) is None
     assert top_bigram_fraction(text) == top_bigram_fraction_counted(text) == 3 * 5 / len(text)
